@@ -1,0 +1,62 @@
+"""Where the decoder layers and the FFN down-projections live, for each supported model family.
+
+The method only needs two things from a model: its list of decoder layers and, in each layer, the
+FFN down-projection `nn.Linear` whose weight has shape [hidden_size, intermediate_size]. Hugging Face
+Qwen2, Qwen3, Llama, Mistral and Gemma-style decoders all keep them at `<base>.layers[i].mlp.down_proj`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from loki.errors import LokiError
+
+# Model families whose layout has been checked (model_type as in the HF config).
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "phi3", "olmo2")
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Shapes the method cares about: L layers, D = hidden size (rows), F = intermediate size."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # peft wraps the HF model as PeftModel.base_model.model; follow that chain to the HF model.
+    while hasattr(model, "base_model") and model.base_model is not model:
+        model = model.base_model
+        if hasattr(model, "model") and hasattr(model, "peft_config"):
+            model = model.model
+    return model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM (or of its bare decoder), in order."""
+    model = _unwrap(model)
+    for owner in (getattr(model, "model", None), model):
+        layers = getattr(owner, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            # down_proj may be a LoKI wrapper during training: accept any module that carries a weight.
+            if all(hasattr(getattr(getattr(l, "mlp", None), "down_proj", None), "weight") for l in layers):
+                return layers
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    raise LokiError(
+        f"model type '{model_type}' has no decoder layers with an `mlp.down_proj` Linear; "
+        f"supported families are {', '.join(SUPPORTED_MODEL_TYPES)}."
+    )
+
+
+def down_projs(model: nn.Module) -> list[nn.Module]:
+    """The FFN down-projection of every decoder layer; weight shape [hidden, intermediate]."""
+    return [layer.mlp.down_proj for layer in decoder_layers(model)]
+
+
+def dims(model: nn.Module) -> Dims:
+    projs = down_projs(model)
+    hidden, inter = projs[0].weight.shape  # nn.Linear layout: [out=hidden, in=intermediate]
+    return Dims(num_layers=len(projs), hidden_size=int(hidden), intermediate_size=int(inter))
