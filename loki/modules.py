@@ -1,0 +1,82 @@
+"""LightningModules: fine-tuning a causal LM (this file) and the attribution predict loop (loki.attribution).
+
+The fine-tuning module is deliberately plain: the HF model lives at `self.model` (where LokiCallback
+finds it), the loss is the model's own causal-LM loss over `labels` (-100 = ignored), and the optimizer
+is built over every parameter that still requires a gradient, so whatever LoKI, LoRA or nothing left
+trainable is what trains.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+
+def warmup_decay_lambda(warmup_steps: int, total_steps: int, kind: str = "cosine", min_ratio: float = 0.0) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up to 1, then cosine or linear decay to `min_ratio`, or constant."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        if kind == "linear":
+            decay = 1.0 - progress
+        elif kind == "cosine":
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:
+            raise ValueError(f"unknown lr schedule {kind!r}: use cosine, linear or constant")
+        return min_ratio + (1.0 - min_ratio) * decay
+
+    return factor
+
+
+class CausalLMModule(pl.LightningModule):
+    """Supervised fine-tuning of `model` on batches of input_ids / attention_mask / labels."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_schedule: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer  # a partial from hydra (`_partial_: true`): takes the params
+        self.lr_schedule = dict(lr_schedule or {"kind": "constant", "warmup_ratio": 0.0})
+
+    def forward(self, **batch: torch.Tensor):
+        return self.model(**batch)
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
+        return out.loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        kind = self.lr_schedule.get("kind", "constant")
+        if kind == "constant" and not self.lr_schedule.get("warmup_ratio"):
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = int(round(float(self.lr_schedule.get("warmup_ratio", 0.0)) * total))
+        factor = warmup_decay_lambda(warmup, total, kind, float(self.lr_schedule.get("min_ratio", 0.0)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
