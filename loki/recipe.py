@@ -110,6 +110,23 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 # ----------------------------------------------------------------------------------------------- setup
 
+OmegaConf.register_new_resolver("method", method_label, replace=True)  # ${method:...} in train.yaml
+
+
+def run(cfg: DictConfig) -> dict:
+    """setup (every check) -> retention before -> fit -> merge -> task + retention after -> export."""
+    started = time.time()
+    pl.seed_everything(cfg.seed, workers=True)
+    built = setup(cfg)
+    retention_before = evaluate_retention(cfg, built, stage="before")
+    module = build_module(cfg, built)
+    trainer = instantiate(cfg.trainer, callbacks=built.callbacks, logger=built.logger, default_root_dir=built.run_dir)
+    trainer.fit(module, datamodule=built.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if not trainer.is_global_zero:
+        return {}
+    model = plain_model(module, built)
+    return finish(cfg, built, model, retention_before, trainer, started)
+
 
 @dataclass
 class Setup:
