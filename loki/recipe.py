@@ -194,7 +194,7 @@ def setup(cfg: DictConfig) -> Setup:
     out = Setup(run_dir=run_dir, model=model, tokenizer=tokenizer, method=method, datamodule=None, callbacks=callbacks, logger=logger)
 
     if cfg.loki.enabled:
-        from loki.implant import LokiCallback
+        from loki.implant import LokiCallback, _checked_positions
 
         out.positions, out.positions_source = _positions_for(cfg, model, tokenizer)
         out.loki_callback = LokiCallback(
@@ -204,7 +204,7 @@ def setup(cfg: DictConfig) -> Setup:
             lora_alpha=cfg.lora.alpha,
             lora_dropout=float(cfg.lora.dropout),
         )
-        out.loki_callback.check(model)  # lora.rank > k and friends fail now, not after data loading
+        _checked_positions(model, out.positions, int(cfg.lora.rank))  # lora.rank > k fails now, before data loading
         out.callbacks.insert(0, out.loki_callback)
     elif int(cfg.lora.rank) > 0:
         from peft import LoraConfig, get_peft_model

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 
 
@@ -45,14 +45,17 @@ def test_every_group_has_options():
 @pytest.mark.parametrize("group, option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
 def test_group_option_composes_and_resolves(group, option, tmp_path, monkeypatch):
     monkeypatch.setenv("LOKI_CACHE", str(tmp_path / "cache"))
-    key = "+experiment" if group == "experiment" else group
-    cfg = _compose([f"{key}={option}", f"hydra.run.dir={tmp_path}/run"])
+    cfg = _compose([f"{group}={option}", f"hydra.run.dir={tmp_path}/run"])
+    OmegaConf.set_readonly(cfg.hydra, False)
     cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+    assert cfg.hydra.job.chdir is False  # outputs go to paths.output_dir, the working dir stays put
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # sweep-only keys (hydra.job.num) are unset outside a multirun
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert resolved["paths"]["output_dir"] == str(tmp_path / "run")
     assert resolved["paths"]["cache_dir"] == str(tmp_path / "cache")
     assert resolved["optimizer"]["lr"] > 0
-    assert resolved["hydra"]["job"]["chdir"] is False
 
 
 def test_paper_command_composes():

@@ -1,0 +1,79 @@
+"""Re-evaluate an exported run: `python -m loki.evaluate run_dir=<run dir> [key=value ...]`.
+
+Loads `<run_dir>/model` (a plain Hugging Face checkpoint) and `<run_dir>/.hydra/config.yaml`, applies
+`key=value` overrides to that saved config (leaves only, e.g. `eval.benchmarks.mmlu.max_samples=100`
+or `task.eval.path=/data/scifact`; config groups cannot be swapped here), reruns the task and the
+retention evaluation, recomputes the forgetting score against the `retention.before` stored in
+`<run_dir>/metrics.json`, rewrites that file and prints the table. `device=cpu|cuda` picks the device.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from loki.errors import LokiError
+
+
+def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, device: str | None = None) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loki.eval import format_report, forgetting_report, run_retention, run_task_eval
+
+    run_dir = Path(run_dir)
+    config_file, model_dir = run_dir / ".hydra" / "config.yaml", run_dir / "model"
+    if not config_file.is_file():
+        raise LokiError(f"run dir '{run_dir}' has no .hydra/config.yaml; pass run_dir=<a train.py run dir>.")
+    if not model_dir.is_dir():
+        raise LokiError(f"run dir '{run_dir}' has no exported model/ (was it trained with export=false?).")
+    cfg = OmegaConf.load(config_file)
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    # The saved config still holds ${hydra:...} interpolations; only the task and eval sections are needed.
+    task_eval = cfg.task.get("eval") if "task" in cfg else None
+    retention_cfg = cfg.get("eval")
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+
+    metrics_file = run_dir / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    if task_eval is not None:
+        metrics["task_metrics"] = run_task_eval(model, tokenizer, task_eval)
+    if retention_cfg is not None and retention_cfg.get("benchmarks"):
+        after = run_retention(model, tokenizer, retention_cfg)
+        before = (metrics.get("retention") or {}).get("before")
+        metrics["retention"] = {"before": before, "after": after}
+        if before:
+            metrics["forgetting"] = forgetting_report(before, after)
+    metrics_file.write_text(json.dumps(metrics, indent=2, default=str))
+    print(format_report(metrics))
+    print(f"metrics: {metrics_file}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    run_dirs = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]
+    devices = [a.split("=", 1)[1] for a in args if a.startswith("device=")]
+    overrides = [a for a in args if not a.startswith(("run_dir=", "device="))]
+    try:
+        if len(run_dirs) != 1:
+            raise LokiError("usage: python -m loki.evaluate run_dir=<run dir> [device=cpu] [key=value ...].")
+        evaluate_run(run_dirs[0], overrides, devices[0] if devices else None)
+    except LokiError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

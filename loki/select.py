@@ -1,0 +1,243 @@
+"""Selection: from KVA scores to trainable rows (DESIGN.md "Selection"); plain tensors in, positions out.
+
+Scores are [N, L, D] (samples x layers x rows), given whole or as an iterable of sample chunks
+[n_i, L, D]; only per-(layer, row) tallies are kept, so memory does not grow with N.
+
+Strategies (k = floor(q * D) rows per layer):
+
+* layer_balanced (the paper's Eqs. 6-9): for each sample and layer, take the k lowest scores; count,
+  per (layer, row), how many samples took it; per layer keep the k most frequent rows.
+* layer_balanced_highest: the mirror image (k highest per sample; most frequent).
+* global_lowest / global_highest: the same with no per-layer quota. For each sample, take the L*k
+  lowest (highest) scores over all L*D (layer, row) pairs; count over samples; keep the L*k most
+  frequent pairs anywhere. Layers then hold different numbers of rows (possibly none).
+* random: k rows per layer drawn uniformly with a seeded generator (a control; scores give only shape).
+
+Ties, everywhere, are broken deterministically: within a sample, equal scores are taken in row order
+(lower index first); among equally frequent rows, the lower mean score wins (higher for the *_highest
+strategies), then the lower index (for global: layer-major flat index l*D + j).
+
+score="signed" ranks the scores as stored (most negative = lowest, the paper's reading);
+score="abs" ranks their magnitudes (lowest = least contribution either way). Each layer's list is in
+rank order (most frequent first), as in the published positions files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from loki.errors import LokiError
+from loki.positions import Positions, check_q, rows_per_layer, save_positions
+
+STRATEGIES = ("layer_balanced", "layer_balanced_highest", "global_lowest", "global_highest", "random")
+SCORE_MODES = ("signed", "abs")
+# Samples handled at once inside a chunk: bounds the temporaries (a few bytes per score).
+_SAMPLES_PER_STEP = 64
+
+
+def select_positions(
+    scores: torch.Tensor | Iterable[torch.Tensor],
+    q: float,
+    strategy: str = "layer_balanced",
+    seed: int = 0,
+    score: str = "signed",
+    expected_shape: tuple[int, int] | None = None,
+) -> Positions:
+    """Rows to train per layer, in the published positions format (a list of L lists of row indices).
+
+    scores: a tensor [N, L, D] or an iterable of chunks [n_i, L, D] (streamed; never concatenated).
+    expected_shape: (L, D) of the model the positions are for; a mismatch is an error.
+    """
+    check_q(q)
+    if strategy not in STRATEGIES:
+        raise LokiError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}.")
+    if score not in SCORE_MODES:
+        raise LokiError(f"score must be 'signed' or 'abs', got {score!r}.")
+    tally = _Tally(q, strategy, score, expected_shape)
+    for chunk in _chunks(scores):
+        tally.add(chunk)
+    return tally.positions(seed)
+
+
+class _Tally:
+    """Running counts of how often each (layer, row) was taken, and running score sums for ties."""
+
+    def __init__(self, q, strategy, score, expected_shape):
+        self.q, self.strategy, self.score = q, strategy, score
+        self.highest = strategy.endswith("highest")
+        self.per_layer = strategy.startswith("layer_balanced")
+        self.shape = tuple(expected_shape) if expected_shape is not None else None
+        self.counts = self.sums = None
+        self.k = None
+        self.samples = self.chunks = 0
+
+    def add(self, chunk: torch.Tensor) -> None:
+        chunk = self._checked(chunk)
+        layers, hidden = self.shape
+        for offset, part in zip(range(0, len(chunk), _SAMPLES_PER_STEP), chunk.split(_SAMPLES_PER_STEP)):
+            # Work on "badness" where lower = taken first: negate for the *_highest strategies.
+            values = part.float()
+            if self.score == "abs":
+                values = values.abs()
+            if self.highest:
+                values = -values
+            part_sums = values.sum(dim=0).double()  # float32 within a step, float64 across steps
+            if not torch.isfinite(part_sums).all():  # cheaper than checking every score first
+                self._raise_not_finite(part, offset)
+            self.sums += part_sums
+            if self.strategy == "random":
+                continue
+            if self.per_layer:
+                taken = _lowest_k(values, self.k) + torch.arange(layers)[:, None] * hidden  # flat l*D + j
+            else:
+                taken = _lowest_k(values.reshape(len(values), -1), self.k * layers)
+            self.counts += torch.bincount(taken.flatten(), minlength=layers * hidden).view(layers, hidden)
+        self.samples += len(chunk)
+        self.chunks += 1
+
+    def positions(self, seed: int) -> Positions:
+        if self.samples == 0:
+            raise LokiError("no scores were given (zero samples), so there is nothing to select from.")
+        layers, hidden = self.shape
+        if self.strategy == "random":
+            generator = torch.Generator().manual_seed(int(seed))
+            return [torch.randperm(hidden, generator=generator)[: self.k].tolist() for _ in range(layers)]
+        if self.per_layer:
+            return [_rank(self.counts[l], self.sums[l])[: self.k].tolist() for l in range(layers)]
+        best = _rank(self.counts.flatten(), self.sums.flatten())[: self.k * layers]
+        out: Positions = [[] for _ in range(layers)]
+        for flat_index in best.tolist():
+            out[flat_index // hidden].append(flat_index % hidden)
+        return out
+
+    def _raise_not_finite(self, part: torch.Tensor, offset: int):
+        first = offset + int((~torch.isfinite(part).flatten(1).all(dim=1)).nonzero()[0])
+        raise LokiError(
+            f"sample {self.samples + first} (row {first} of score chunk {self.chunks}) has NaN or infinite "
+            f"scores; re-run attribution for it or drop it."
+        )
+
+    def _checked(self, chunk) -> torch.Tensor:
+        where = f"score chunk {self.chunks}"
+        if not isinstance(chunk, torch.Tensor):
+            chunk = torch.as_tensor(chunk)
+        if chunk.ndim == 2:  # a single sample [L, D]
+            chunk = chunk[None]
+        if chunk.ndim != 3:
+            raise LokiError(f"{where} has shape {tuple(chunk.shape)}; expected [samples, layers, hidden].")
+        if not (chunk.is_floating_point()):
+            chunk = chunk.float()
+        if self.shape is None:
+            self.shape = tuple(chunk.shape[1:])
+        if tuple(chunk.shape[1:]) != self.shape:
+            raise LokiError(
+                f"{where} has {chunk.shape[1]} layers x {chunk.shape[2]} rows but {self.shape[0]} x "
+                f"{self.shape[1]} were expected; the scores were made for another model."
+            )
+        if self.counts is None:
+            self.k = rows_per_layer(self.q, self.shape[1])
+            if self.k == 0:
+                raise LokiError(f"q={self.q} selects no row of {self.shape[1]}; use q >= {1 / self.shape[1]:.3g}.")
+            self.counts = torch.zeros(self.shape, dtype=torch.int64)
+            self.sums = torch.zeros(self.shape, dtype=torch.float64)
+        return chunk.cpu()
+
+
+def _lowest_k(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [..., k] of the k lowest entries along the last dim; equal values are taken in index order."""
+    lowest, index = values.topk(k + 1, dim=-1, largest=False, sorted=True)
+    index, kth = index[..., :k], lowest[..., k - 1]
+    # Where the k-th and (k+1)-th values are equal the cut splits a tie, and topk's pick among equal
+    # values is unspecified: redo those (rare) rows by rule.
+    split_tie = lowest[..., k] == kth
+    if split_tie.any():
+        rows, cut = values[split_tie], kth[split_tie][:, None]
+        below, at = rows < cut, rows == cut
+        room = k - below.sum(dim=-1, keepdim=True)
+        take = below | (at & (at.cumsum(dim=-1) <= room))
+        index[split_tie] = take.nonzero()[:, 1].view(-1, k)
+    return index
+
+
+def _rank(counts: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """Indices by count (high first), then score sum (low first), then index (low first)."""
+    order = torch.arange(len(counts))
+    order = order[torch.sort(sums[order], stable=True).indices]
+    return order[torch.sort(counts[order], descending=True, stable=True).indices]
+
+
+def _chunks(scores) -> Iterator[torch.Tensor]:
+    if isinstance(scores, torch.Tensor):
+        yield scores
+        return
+    if isinstance(scores, (str, Path)):
+        raise LokiError("select_positions takes tensors; use load_score_chunks(path) to read a scores file.")
+    yield from scores
+
+
+# --------------------------------------------------------------------------------------------------
+# Files: what `python -m loki.select --scores PATH` accepts.
+
+
+def load_score_chunks(path: str | Path) -> Iterator[torch.Tensor]:
+    """Score chunks from PATH: a .pt file holding a tensor [N, L, D] or a dict with key "scores",
+    a .npy array [N, L, D] (memory-mapped), or a directory of such files (read in name order)."""
+    path = Path(path)
+    if not path.exists():
+        raise LokiError(f"scores path {path} does not exist.")
+    files = sorted(p for p in path.iterdir() if p.suffix in (".pt", ".npy")) if path.is_dir() else [path]
+    if not files:
+        raise LokiError(f"scores directory {path} holds no .pt or .npy files.")
+    for file in files:
+        yield from _load_file(file)
+
+
+def _load_file(file: Path) -> Iterator[torch.Tensor]:
+    if file.suffix == ".npy":
+        import numpy as np
+
+        array = np.load(file, mmap_mode="r")
+        for start in range(0, len(array), _SAMPLES_PER_STEP):
+            yield torch.from_numpy(np.ascontiguousarray(array[start : start + _SAMPLES_PER_STEP]))
+        return
+    try:
+        data = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt or not a torch file
+        raise LokiError(f"scores file {file} cannot be read as a torch file ({err}).") from None
+    if isinstance(data, dict):
+        if "scores" not in data:
+            raise LokiError(f"scores file {file} holds a dict without a 'scores' entry.")
+        data = data["scores"]
+    if not isinstance(data, torch.Tensor):
+        raise LokiError(f"scores file {file} holds a {type(data).__name__}, not a [samples, layers, hidden] tensor.")
+    yield data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loki.select", description="KVA scores -> positions JSON.")
+    parser.add_argument("--scores", required=True, help=".pt / .npy file [N, L, D] or a directory of them")
+    parser.add_argument("--q", type=float, required=True, help="fraction of rows per layer, e.g. 0.05")
+    parser.add_argument("--strategy", default="layer_balanced", choices=STRATEGIES)
+    parser.add_argument("--score", default="signed", choices=SCORE_MODES)
+    parser.add_argument("--seed", type=int, default=0, help="for --strategy random")
+    parser.add_argument("--out", required=True, help="positions JSON to write")
+    args = parser.parse_args(argv)
+    try:
+        positions = select_positions(
+            load_score_chunks(args.scores), args.q, strategy=args.strategy, seed=args.seed, score=args.score
+        )
+        path = save_positions(positions, args.out)
+    except LokiError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {sum(map(len, positions))} rows over {len(positions)} layers to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

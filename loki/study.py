@@ -1,0 +1,229 @@
+"""The toy study: does LoKI forget less than full fine-tuning and LoRA, and does KVA find rows that matter?
+
+    python -m loki.study                        # full study: every arm x 3 seeds, + suppression check
+    python -m loki.study --quick --seeds 0      # CI-sized: fewer steps, one seed
+    python -m loki.study --out DIR model=toy    # extra Hydra overrides go to every run
+
+Every arm is an ordinary `train.py` run (composed with Hydra's compose API, run in-process through
+`loki.recipe.run`), so the study measures exactly what users get. The suppression check (the paper's
+Figure 3 idea) zeroes the rows that KVA marks highest, lowest, or random rows, without any training,
+and measures retention with the graded measure. Writes `study.md`, `study.json` and `study.png` in the
+output dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+# arm name -> Hydra overrides of train.yaml (q=0.1 is the ablations' reference point, as in the paper)
+ARMS: dict[str, list[str]] = {
+    "full": ["loki=off"],
+    "lora-r16": ["loki=off", "lora=r16"],
+    "loki-q0.05": ["loki.q=0.05"],
+    "loki-q0.1": ["loki.q=0.1"],
+    "loki-q0.2": ["loki.q=0.2"],
+    "loki-q0.3": ["loki.q=0.3"],
+    "loki-q0.1-abs": ["loki.q=0.1", "loki.score=abs"],
+    "global_lowest-q0.1": ["loki.q=0.1", "loki.strategy=global_lowest"],
+    "global_highest-q0.1": ["loki.q=0.1", "loki.strategy=global_highest"],
+    "layer_balanced_highest-q0.1": ["loki.q=0.1", "loki.strategy=layer_balanced_highest"],
+    "random-q0.1": ["loki.q=0.1", "loki.strategy=random"],
+}
+SUPPRESSION_QS = (0.05, 0.1, 0.2)
+
+
+def compose_train(overrides: Sequence[str]):
+    from hydra import compose, initialize_config_dir
+
+    import loki.recipe  # noqa: F401  registers the ${method:} resolver
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def run_arm(name: str, seed: int, out_dir: Path, extra: Sequence[str], quick_steps: int | None) -> dict:
+    from loki import recipe
+
+    run_dir = out_dir / name / f"seed{seed}"
+    overrides = [
+        *ARMS[name],
+        *extra,
+        f"seed={seed}",
+        f"paths.output_dir={run_dir}",
+        "logger=none",
+        "export=false",  # the study needs metrics, not 11 x 3 checkpoints
+        "evaluate.validation_task_metric=false",
+        "~callbacks.checkpoint",
+    ]
+    if quick_steps:
+        overrides.append(f"trainer.max_steps={quick_steps}")
+    cfg = compose_train(overrides)
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.exists():  # resumable: a finished arm is not rerun
+        return json.loads(metrics_file.read_text())
+    return recipe.run(cfg)
+
+
+def zero_rows(model: torch.nn.Module, positions: list[list[int]]) -> None:
+    """Suppress knowledge vectors: set the selected rows of every down_proj.weight to zero (in place)."""
+    from loki import arch
+
+    with torch.no_grad():
+        for proj, rows in zip(arch.down_projs(model), positions):
+            if rows:
+                proj.weight[torch.as_tensor(rows, dtype=torch.long)] = 0.0
+
+
+def suppression(extra: Sequence[str], seeds: Sequence[int], qs: Sequence[float] = SUPPRESSION_QS) -> list[dict]:
+    """Retention after zeroing the KVA-lowest, KVA-highest or random rows (per layer, k = floor(q D))."""
+    from loki.attribution import ScoreStore, default_scores_dir
+    from loki.eval import run_retention
+    from loki.models import load_model_and_tokenizer
+    from loki.select import select_positions
+
+    cfg = compose_train(list(extra))
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    store = ScoreStore(default_scores_dir(cfg.paths.cache_dir, cfg.model.name))
+    base = run_retention(model, tokenizer, cfg.eval)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = []
+    for q in qs:
+        picks = {
+            "lowest": [select_positions(store.iter_chunks(), q, strategy="layer_balanced")],
+            "highest": [select_positions(store.iter_chunks(), q, strategy="layer_balanced_highest")],
+            "random": [select_positions(store.iter_chunks(), q, strategy="random", seed=s) for s in seeds],
+        }
+        for kind, position_sets in picks.items():
+            for positions in position_sets:
+                model.load_state_dict(state)
+                zero_rows(model, positions)
+                after = run_retention(model, tokenizer, cfg.eval)
+                rows.append({"q": q, "rows": kind, "before": base, "after": after})
+    model.load_state_dict(state)
+    return rows
+
+
+def _primary(metrics: dict, key_suffix: str) -> float:
+    for key, value in (metrics or {}).items():
+        if key.endswith(key_suffix):
+            return float(value)
+    return float("nan")
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(runs: dict[str, list[dict]], supp: list[dict], task_metric: str, graded: str) -> tuple[str, dict]:
+    """Markdown tables (training arms; suppression) and the same numbers as a dict."""
+    table = {}
+    lines = [
+        f"| method | trainable params | task {task_metric} | retention {graded} after | retention acc after | forgetting Avg (acc, %) | forgetting on {graded} (%) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, results in runs.items():
+        task = _mean_std([_primary(r.get("task_metrics"), task_metric) for r in results])
+        after = [r["retention"]["after"] for r in results if r.get("retention")]
+        before = [r["retention"]["before"] for r in results if r.get("retention")]
+        graded_after = _mean_std([_primary(a, "/" + graded) for a in after])
+        acc_after = _mean_std([_primary(a, "/acc") for a in after])
+        avg = _mean_std([float(r["forgetting"]["avg"]) for r in results if r.get("forgetting")])
+        graded_drop = _mean_std([_graded_forgetting(b, a, graded) for b, a in zip(before, after)])
+        trainable = results[0].get("trainable", {}).get("trainable_effective") if results else None
+        table[name] = {"task": task, "graded_after": graded_after, "acc_after": acc_after, "forgetting": avg,
+                       "graded_forgetting": graded_drop, "trainable": trainable, "seeds": len(results)}
+        lines.append(
+            f"| {name} | {trainable if trainable is not None else '-'} | {_fmt(task)} | {_fmt(graded_after)} | {_fmt(acc_after)} | {_fmt(avg)} | {_fmt(graded_drop)} |"
+        )
+    if supp:
+        before = _primary(supp[0]["before"], "/" + graded)
+        lines += ["", f"Suppression (no training): retention {graded} after zeroing k = floor(q D) rows per layer; before = {before:.4f}", "",
+                  "| q | zeroed rows | retention " + graded + " | retention acc |", "|---:|---|---:|---:|"]
+        grouped: dict[tuple, list[dict]] = {}
+        for row in supp:
+            grouped.setdefault((row["q"], row["rows"]), []).append(row)
+        for (q, kind), group in grouped.items():
+            g = _mean_std([_primary(r["after"], "/" + graded) for r in group])
+            a = _mean_std([_primary(r["after"], "/acc") for r in group])
+            table[f"suppress-{kind}-q{q:g}"] = {"graded": g, "acc": a}
+            lines.append(f"| {q:g} | KVA-{kind} | {_fmt(g)} | {_fmt(a)} |" if kind != "random" else f"| {q:g} | random | {_fmt(g)} | {_fmt(a)} |")
+    return "\n".join(lines), table
+
+
+def _graded_forgetting(before: dict, after: dict, graded: str) -> float:
+    """Drop of the graded measure (mean log-prob of the right answer, <= 0), relative to before, in %."""
+    b, a = _primary(before, "/" + graded), _primary(after, "/" + graded)
+    return 100.0 * (a - b) / b if b else float("nan")  # log-probs are negative: a more negative value = loss
+
+
+def _fmt(pair: tuple[float, float]) -> str:
+    mean, std = pair
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.4f} ± {std:.4f}" if std else f"{mean:.4f}"
+
+
+def plot(table: dict, path: Path, task_metric: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name, row in table.items():
+        if "task" not in row or math.isnan(row["task"][0]):
+            continue
+        (x, xs), (y, ys) = row["graded_forgetting"], row["task"]
+        marker = "s" if not name.startswith(("loki", "global", "layer", "random")) else "o"
+        ax.errorbar(x, y, xerr=xs, yerr=ys, fmt=marker, capsize=3, label=name)
+    ax.set_xlabel("forgetting: relative drop of retention log-prob of the right answer (%), lower is better")
+    ax.set_ylabel(f"task {task_metric} (higher is better)")
+    ax.set_title("Toy study: task metric against forgetting (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("outputs/study"), help="study dir (resumable)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="which arms to run")
+    parser.add_argument("--quick", type=int, nargs="?", const=40, default=None, help="cap training at N steps (CI)")
+    parser.add_argument("--no-suppression", action="store_true", help="skip the suppression check")
+    parser.add_argument("--task-metric", default="ndcg@1", help="task metric key to tabulate")
+    parser.add_argument("--graded", default="logprob", help="retention graded measure to tabulate")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (e.g. model=toy)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    runs = {name: [run_arm(name, seed, args.out, args.overrides, args.quick) for seed in args.seeds] for name in args.arms}
+    supp = [] if args.no_suppression else suppression(args.overrides, args.seeds)
+    text, table = summarise(runs, supp, args.task_metric, args.graded)
+    (args.out / "study.md").write_text(text + "\n")
+    (args.out / "study.json").write_text(json.dumps({"table": table, "suppression": supp}, indent=2, default=float))
+    if any("task" in row for row in table.values()):
+        plot(table, args.out / "study.png", args.task_metric)
+    print(text)
+    print(f"study dir: {args.out}  ({time.time() - started:.0f} s)")
+    return table
+
+
+if __name__ == "__main__":
+    main()

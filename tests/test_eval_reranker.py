@@ -1,0 +1,200 @@
+"""Reranker evaluation: the expectation score, ranking metrics on the 3-query BEIR fixture, loaders."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from loki.data.beir import load_beir
+from loki.errors import LokiError
+from loki.eval import run_task_eval
+from loki.eval.reranker import digit_token_ids, expected_relatedness, retrieval_metrics, score_pairs
+
+BEIR = "tests/fixtures/beir"
+
+# Digits a stub reranker gives each (query, document) of the fixture; the ranks below follow from them.
+#   q1 (relevant d1:2, d2:1): d6 > d1 > d2 > rest     q2 (d3:1, d4:1): d3 > d1 > d2 > d4 > rest
+#   q3 (d5:1): d1 > d2 > d5 > rest
+STUB_DIGITS = {
+    "how do bees make honey": {"d6": 7, "d1": 6, "d2": 5, "d3": 3, "d4": 2, "d5": 1},
+    "boiling point of water": {"d3": 7, "d1": 5, "d2": 4, "d4": 3, "d5": 2, "d6": 1},
+    "first computer programmer": {"d1": 7, "d2": 6, "d5": 5, "d3": 3, "d4": 2, "d6": 1},
+}
+
+
+def log2(x):
+    return math.log(x, 2)
+
+
+# Hand-computed per query (torchmetrics definitions: AP@k averages precision at the relevant hits in
+# the top k; P@k divides by k; NDCG uses linear gains with 1/log2(rank+1) discounts).
+EXPECTED_PER_QUERY = {
+    "map@1": [0, 1, 0],
+    "recall@1": [0, 1 / 2, 0],
+    "ndcg@1": [0, 1, 0],
+    "p@1": [0, 1, 0],
+    "map@10": [(1 / 2 + 2 / 3) / 2, (1 / 1 + 2 / 4) / 2, 1 / 3],
+    "recall@10": [1, 1, 1],
+    "ndcg@10": [
+        (2 / log2(3) + 1 / log2(4)) / (2 / log2(2) + 1 / log2(3)),
+        (1 / log2(2) + 1 / log2(5)) / (1 / log2(2) + 1 / log2(3)),
+        (1 / log2(4)) / (1 / log2(2)),
+    ],
+    "p@10": [2 / 10, 2 / 10, 1 / 10],
+}
+EXPECTED = {k: sum(v) / 3 for k, v in EXPECTED_PER_QUERY.items()}
+
+
+class StubReranker(torch.nn.Module):
+    """Puts a huge logit on the digit STUB_DIGITS assigns to the (query, document) in each prompt,
+    and a larger one on a non-digit token, which the renormalisation over digits must ignore."""
+
+    def __init__(self, tokenizer, corpus):
+        super().__init__()
+        self.tokenizer, self.corpus = tokenizer, corpus
+        self.digit_ids = digit_token_ids(tokenizer)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask):
+        logits = torch.zeros(*input_ids.shape, len(self.tokenizer))
+        for row in range(input_ids.shape[0]):
+            n = int(attention_mask[row].sum())
+            text = self.tokenizer.decode(input_ids[row, :n])
+            query = text.split("<<<Query>>>\n")[1].split("\n\n<<<Context>>>")[0]
+            doc = next(d for d, fields in self.corpus.items() if fields["text"] in text)
+            logits[row, n - 1, self.digit_ids[STUB_DIGITS[query][doc] - 1]] = 60.0
+            logits[row, n - 1, self.tokenizer.eos_token_id] = 90.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_expectation_matches_hand_computation():
+    # softmax over the seven digits of logits log([1, 2, 1, 1, 1, 1, 4]) -> p = [1, 2, 1, 1, 1, 1, 4] / 11
+    logits = torch.log(torch.tensor([[1.0, 2, 1, 1, 1, 1, 4], [1, 1, 1, 1, 1, 1, 1]]))
+    expected = torch.tensor([(1 * 1 + 2 * 2 + 3 + 4 + 5 + 6 + 7 * 4) / 11, 4.0])
+    assert torch.allclose(expected_relatedness(logits), expected.float())
+
+
+class FixedDigitLogits(torch.nn.Module):
+    """Last-position logits = `digit_logits` on the digit ids, 50 on every other token."""
+
+    def __init__(self, vocab, digit_ids, digit_logits):
+        super().__init__()
+        self.vocab, self.digit_ids, self.digit_logits = vocab, digit_ids, digit_logits
+
+    def forward(self, input_ids, attention_mask):
+        logits = torch.full((*input_ids.shape, self.vocab), 50.0)
+        logits[:, :, self.digit_ids] = self.digit_logits
+        return SimpleNamespace(logits=logits)
+
+
+def test_score_pairs_renormalises_over_the_digits_only(chat_tokenizer):
+    ids = digit_token_ids(chat_tokenizer)
+    assert len(set(ids)) == 7 and [chat_tokenizer.decode([i]) for i in ids] == list("1234567")
+    digit_logits = torch.log(torch.tensor([1.0, 2, 1, 1, 1, 1, 4]))
+    model = FixedDigitLogits(len(chat_tokenizer), ids, digit_logits)
+    scores = score_pairs(model, chat_tokenizer, [("q", "a text"), ("another query", "t")], batch_size=1)
+    assert torch.allclose(scores, torch.full((2,), 51 / 11))
+
+
+def test_retrieval_metrics_against_hand_computed_values():
+    beir = load_beir(path=BEIR, split="test")
+    scores = {qid: {d: float(v) for d, v in STUB_DIGITS[text].items()} for qid, text in beir.queries.items()}
+    got = retrieval_metrics(scores, beir.qrels, ks=(1, 10))
+    assert set(got) == set(EXPECTED)
+    for key, value in EXPECTED.items():
+        assert got[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_reranker_eval_end_to_end_with_a_stub_model(chat_tokenizer):
+    cfg = OmegaConf.load("conf/task/tiny_rerank.yaml").eval
+    beir = load_beir(path=BEIR, split="test")
+    got = run_task_eval(StubReranker(chat_tokenizer, beir.corpus), chat_tokenizer, cfg)
+    assert got["num_queries"] == 3 and got["num_pairs"] == 18  # 3 queries x all 6 documents
+    for key, value in EXPECTED.items():
+        assert got[key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_reranker_eval_runs_on_a_tiny_model(chat_tokenizer):
+    from conftest import make_tiny_model
+
+    cfg = OmegaConf.load("conf/task/tiny_rerank.yaml").eval
+    got = run_task_eval(make_tiny_model(vocab=len(chat_tokenizer)), chat_tokenizer, cfg, stage="val")
+    assert got["num_queries"] == 2  # qrels/dev.tsv judges q1 and q3
+    assert all(0.0 <= got[k] <= 1.0 for k in EXPECTED)
+
+
+def test_candidate_choices():
+    judged = load_beir(path=BEIR, candidates="judged", num_negatives=2, seed=1)
+    for q, docs in judged.candidates.items():
+        assert set(judged.qrels[q]) <= set(docs) and len(docs) == len(judged.qrels[q]) + 2
+    assert load_beir(path=BEIR, max_queries=2).queries.keys() <= {"q1", "q2", "q3"}
+    assert len(load_beir(path=BEIR, max_queries=2).queries) == 2
+
+
+def test_run_file_candidates_keep_the_top_n(tmp_path):
+    run = tmp_path / "bm25.tsv"
+    run.write_text("query-id\tcorpus-id\tscore\nq1\td6\t9\nq1\td1\t8\nq1\td3\t1\nq2\td3\t5\n")
+    beir = load_beir(path=BEIR, candidates=str(run), top_n=2)
+    assert beir.candidates == {"q1": ["d6", "d1"], "q2": ["d3"], "q3": []}
+
+
+def test_bad_beir_input(tmp_path, monkeypatch):
+    (tmp_path / "qrels").mkdir()
+    (tmp_path / "corpus.jsonl").write_text('{"_id": "d1", "text": "x"}\n')
+    (tmp_path / "queries.jsonl").write_text('{"_id": "q1", "text": "y"}\n')
+    (tmp_path / "qrels" / "test.tsv").write_text("q1\td1\t1\n")
+    with pytest.raises(LokiError, match="header"):
+        load_beir(path=tmp_path)
+    with pytest.raises(LokiError, match="no queries.jsonl|no qrels/dev.tsv"):
+        load_beir(path=tmp_path, split="dev")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LokiError) as err:
+        load_beir(source="no-such-org/no-such-beir-set")
+    assert "no-such-org/no-such-beir-set" in str(err.value) and "task.eval.path=" in str(err.value)
+
+
+def test_long_documents_are_cut_not_the_prompt(chat_tokenizer):
+    from loki.eval.reranker import _fit_prompt
+
+    ids = _fit_prompt(chat_tokenizer, "bees", "honey " * 200, max_length=260)
+    text = chat_tokenizer.decode(ids)
+    assert len(ids) <= 260 and text.endswith("<|im_end|>\n<|im_start|>assistant\n") and "honey honey" in text
+
+
+def test_task_metric_callback_logs_val_metrics(chat_tokenizer):
+    import lightning.pytorch as pl
+
+    from conftest import make_tiny_model
+    from loki.data.chat import ChatSFTDataModule
+    from loki.eval import TaskMetricCallback
+
+    class LM(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = make_tiny_model(vocab=len(chat_tokenizer))
+
+        def training_step(self, batch, _):
+            return self.model(**batch).loss
+
+        def validation_step(self, batch, _):
+            self.log("val/loss", self.model(**batch).loss)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    cfg = OmegaConf.load("conf/task/tiny_rerank.yaml")
+    data = ChatSFTDataModule(chat_tokenizer, **{k: v for k, v in cfg.data.items() if k != "_target_"})
+    callback = TaskMetricCallback(cfg.eval)
+    trainer = pl.Trainer(
+        max_steps=1, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        callbacks=[callback],
+    )
+    trainer.fit(LM(), datamodule=data)
+    assert callback.last["num_queries"] == 2  # the dev qrels
+    assert "val/map@1" in trainer.callback_metrics and "val/num_queries" not in trainer.callback_metrics
+    assert float(trainer.callback_metrics["val/map@1"]) == pytest.approx(callback.last["map@1"])
