@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 import hydra
-from hydra.utils import instantiate, to_absolute_path
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from loki.errors import LokiError
@@ -20,14 +20,15 @@ from loki.errors import LokiError
 
 def run(cfg: DictConfig) -> None:
     from loki.attribution import HEATMAP_FILE, check_kva_settings, run_attribution
+    from loki.data.chat import resolve_path
     from loki.data.mmlu import load_mmlu
     from loki.models import load_model_and_tokenizer
 
     kva = _plain(cfg.kva)
     data = _plain(cfg.data)
     check_kva_settings(kva)
-    if data["path"]:
-        data["path"] = to_absolute_path(str(data["path"]))  # relative to where the command was typed
+    if data["path"]:  # recorded absolute in meta.json: the working directory, else the repo root
+        data["path"] = str(resolve_path(data["path"]).resolve())
     # Data before the model: a missing dataset fails in seconds, not after a multi-GB download.
     rows = load_mmlu(**{k: data[k] for k in ("source", "path", "split", "subjects", "per_subject", "max_samples", "seed")})
     model, tokenizer = load_model_and_tokenizer(cfg.model)

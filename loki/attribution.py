@@ -530,7 +530,6 @@ def run_attribution(
     if remaining:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         loader = DataLoader(remaining, batch_size=int(batch_size), shuffle=False, collate_fn=PadCollate(pad_id, kva["target"] == "gold"))
-        module = KVAModule(model, kva["steps"], kva["scope"], kva["objective"], kva["times_activation"])
         kwargs = dict(trainer_kwargs or {})
         kwargs.update(
             inference_mode=False,  # gradients in predict_step
@@ -542,16 +541,21 @@ def run_attribution(
             callbacks=[ScoreWriter(out_dir, expected), *([SamplesProgressBar(len(remaining))] if progress else []), *callbacks],
         )
         trainer = pl.Trainer(**kwargs)
-        trainer.predict(module, dataloaders=loader, return_predictions=False)
+        # KVAModule freezes the model; hand it back as it came (train.py fine-tunes it next).
+        flags, was_training = [(p, p.requires_grad) for p in model.parameters()], model.training
+        try:
+            module = KVAModule(model, kva["steps"], kva["scope"], kva["objective"], kva["times_activation"])
+            trainer.predict(module, dataloaders=loader, return_predictions=False)
+        finally:
+            for parameter, flag in flags:
+                parameter.requires_grad_(flag)
+            model.train(was_training)
         if not trainer.is_global_zero:
             return None
     elif rank != 0:
         return None
     elif not ScoreStore.exists(out_dir):
-        mark_complete(out_dir, expected)
-        trainer = None
-    else:
-        trainer = None
+        mark_complete(out_dir, expected)  # a run killed after its last shard but before marking completion
 
     store = ScoreStore(out_dir)
     if heatmap_q:
@@ -569,26 +573,31 @@ def run_attribution(
 
 
 def analyse_for_training(model: torch.nn.Module, tokenizer: Any, cfg: Any) -> ScoreStore | None:
-    """train.py's on-demand analysis: attribute.yaml's data/kva defaults, overridable by `cfg.attribution`.
+    """train.py's on-demand analysis: attribute.yaml's data/kva settings (with the model config's
+    `attribution.data` defaults), overridable by `cfg.attribution`.
 
     Runs in one process (train.py calls it before its own Trainer launches any other process).
     """
     from omegaconf import OmegaConf
 
+    from loki.data.chat import resolve_path
     from loki.data.mmlu import load_mmlu
 
     defaults = OmegaConf.load(ATTRIBUTE_YAML)
     settings = OmegaConf.merge(
-        OmegaConf.create({key: defaults[key] for key in ("data", "kva", "batch_size", "heatmap")}),
+        # `model` is there for attribute.yaml's interpolations (a model config may set attribution.data.*).
+        OmegaConf.create({"model": cfg.model, **{key: defaults[key] for key in ("data", "kva", "batch_size", "heatmap")}}),
         cfg.get("attribution") or {},
     )
     settings = OmegaConf.to_container(settings, resolve=True)
     data = settings["data"]
+    if data["path"]:
+        data["path"] = str(resolve_path(data["path"]).resolve())
     check_kva_settings(settings["kva"])
     try:
         rows = load_mmlu(**{k: data[k] for k in ("source", "path", "split", "subjects", "per_subject", "max_samples", "seed")})
     except LokiError as err:  # in train.py the same setting lives under `attribution`
-        raise LokiError(str(err).replace("pass data.path=", "pass +attribution.data.path=")) from None
+        raise LokiError(str(err).replace("pass data.path=", "pass attribution.data.path=")) from None
     accelerator = cfg.get("trainer", {}).get("accelerator", "auto") if hasattr(cfg, "get") else "auto"
     return run_attribution(
         model,

@@ -339,7 +339,8 @@ def _check_options(impl: str, lora_rank: int, lora_alpha: float | None, lora_dro
         raise LokiError(f"lora.dropout must be in [0, 1), got {lora_dropout!r}.")
 
 
-def _checked_positions(model: nn.Module, positions, lora_rank: int) -> tuple[Positions, Dims]:
+def check_positions(model: nn.Module, positions, lora_rank: int = 0) -> tuple[Positions, Dims]:
+    """Positions (list or JSON path) checked against `model` and the LoRA rank; LokiError otherwise."""
     model_dims = dims(model)  # LokiError naming the supported families if there is no down_proj
     where = str(positions) if isinstance(positions, (str, os.PathLike)) else "positions"
     checked = validate_positions(load_positions(positions), model_dims.num_layers, model_dims.hidden_size, where)
@@ -351,6 +352,9 @@ def _checked_positions(model: nn.Module, positions, lora_rank: int) -> tuple[Pos
                 f"parameters without adding expressiveness, so use lora.rank <= {k_min} or a larger loki.q."
             )
     return checked, model_dims
+
+
+_checked_positions = check_positions  # the name loki/recipe.py imports today
 
 
 def install(
@@ -370,7 +374,7 @@ def install(
     _check_options(impl, lora_rank, lora_alpha, lora_dropout)
     if any(isinstance(m, LokiDownProj) for m in model.modules()):
         raise LokiError("the model already has LoKI modules installed; merge(model, handle) before installing again.")
-    positions, model_dims = _checked_positions(model, positions, lora_rank)
+    positions, model_dims = check_positions(model, positions, lora_rank)
     mode = "lora" if lora_rank > 0 else impl
     handle = LokiHandle(
         model=model,

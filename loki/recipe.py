@@ -180,6 +180,11 @@ def _positions_for(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tuple[P
     return resolve_positions(cfg.loki, model, cfg.model.name, cfg.paths.cache_dir)
 
 
+def _lora_alpha(cfg: DictConfig) -> float:
+    # One default for both LoRA flavours, so LoKI+LoRA and the peft baseline are compared at equal scaling.
+    return float(cfg.lora.alpha) if cfg.lora.alpha is not None else 2.0 * int(cfg.lora.rank)
+
+
 def setup(cfg: DictConfig) -> Setup:
     check_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
@@ -194,24 +199,24 @@ def setup(cfg: DictConfig) -> Setup:
     out = Setup(run_dir=run_dir, model=model, tokenizer=tokenizer, method=method, datamodule=None, callbacks=callbacks, logger=logger)
 
     if cfg.loki.enabled:
-        from loki.implant import LokiCallback, _checked_positions
+        from loki.implant import LokiCallback, check_positions
 
         out.positions, out.positions_source = _positions_for(cfg, model, tokenizer)
         out.loki_callback = LokiCallback(
             out.positions,
             impl=cfg.loki.impl,
             lora_rank=int(cfg.lora.rank),
-            lora_alpha=cfg.lora.alpha,
+            lora_alpha=_lora_alpha(cfg),
             lora_dropout=float(cfg.lora.dropout),
         )
-        _checked_positions(model, out.positions, int(cfg.lora.rank))  # lora.rank > k fails now, before data loading
+        check_positions(model, out.positions, int(cfg.lora.rank))  # lora.rank > k fails now, before data loading
         out.callbacks.insert(0, out.loki_callback)
     elif int(cfg.lora.rank) > 0:
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(
             r=int(cfg.lora.rank),
-            lora_alpha=cfg.lora.alpha or 2 * int(cfg.lora.rank),
+            lora_alpha=_lora_alpha(cfg),
             lora_dropout=float(cfg.lora.dropout),
             target_modules=cfg.lora.target_modules,
             task_type="CAUSAL_LM",

@@ -205,7 +205,7 @@ def test_analyse_for_training_uses_attribute_yaml_defaults_with_overrides(tiny, 
             "model": OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml"),
             "paths": {"cache_dir": str(tmp_path)},
             "trainer": {"accelerator": "cpu"},
-            "attribution": {"data": {"path": str(FIXTURE), "max_samples": 3}, "kva": {"steps": 1}},
+            "attribution": {"data": {"max_samples": 3}, "kva": {"steps": 1}},  # data.path: from tiny.yaml
         }
     )
     store = attribution.analyse_for_training(*tiny, cfg)
@@ -213,7 +213,21 @@ def test_analyse_for_training_uses_attribute_yaml_defaults_with_overrides(tiny, 
     meta = json.loads((store.dir / "meta.json").read_text())
     attribute_yaml = OmegaConf.load(REPO / "conf" / "attribute.yaml")
     assert meta["kva"] == {**OmegaConf.to_container(attribute_yaml.kva), "steps": 1}
-    assert meta["data"]["per_subject"] == attribute_yaml.data.per_subject
+    # Precedence: attribute.yaml < the model config's attribution.data < cfg.attribution.
+    assert meta["data"]["per_subject"] is None and meta["data"]["split"] == "test" and meta["data"]["max_samples"] == 3
+
+
+def test_attribute_yaml_takes_data_defaults_from_the_model_config():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        tiny_cfg = compose("attribute", overrides=["model=tiny"])
+        cli_cfg = compose("attribute", overrides=["model=tiny", "data.per_subject=2"])
+        qwen_cfg = compose("attribute", overrides=["model=qwen0.5b"])
+    assert tiny_cfg.data.path == "tests/fixtures/mmlu/test.jsonl" and tiny_cfg.data.per_subject is None
+    assert cli_cfg.data.per_subject == 2 and cli_cfg.data.path == "tests/fixtures/mmlu/test.jsonl"
+    assert qwen_cfg.data.path is None and qwen_cfg.data.per_subject == 50 and qwen_cfg.data.source == "cais/mmlu"
+    assert qwen_cfg.out_dir.endswith("/attribution/Qwen2.5-0.5B-Instruct") and qwen_cfg.trainer.devices == 1
 
 
 def _naive_layer_balanced(scores: torch.Tensor, q: float, highest: bool) -> list[list[int]]:
@@ -254,3 +268,13 @@ def test_heatmap_shows_layer_balanced_selection_and_is_logged(full_run, tmp_path
     logger = RecordingWandb()
     assert attribution.log_figure(logger, fig, tmp_path / "heatmap.png")
     assert logger.images == [("attribution/heatmap", [str(tmp_path / "heatmap.png")])]
+
+
+def test_run_leaves_the_callers_model_as_it_was(tiny, rows, tmp_path):
+    model, _ = tiny
+    model.train()
+    try:
+        _run(tiny, rows[:1], tmp_path, kva={**KVA, "steps": 1})
+        assert model.training and all(p.requires_grad for p in model.parameters())
+    finally:
+        model.eval()

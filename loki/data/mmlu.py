@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from loki.data.chat import resolve_path  # as given if it exists, else relative to the repo root
 from loki.errors import LokiError
 
 LETTERS = "ABCD"
@@ -97,9 +98,11 @@ def load_mmlu(
 ) -> list[dict]:
     """MMLU rows with ids; `path` (a local file or dir in the hub schema) replaces the hub `source`.
 
+    A relative `path` is read from the working directory if it exists there, else from the repo root.
+
     `subjects=None` keeps all subjects; `per_subject=None` (or <= 0) keeps every row of a subject.
     """
-    dataset, origin = _local_dataset(Path(path).expanduser(), split) if path else _hub_dataset(source, split)
+    dataset, origin = _local_dataset(resolve_path(path), split) if path else _hub_dataset(source, split)
     missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
     if missing:
         raise LokiError(f"MMLU data '{origin}' has no column '{missing[0]}' (needs {', '.join(REQUIRED_COLUMNS)}).")

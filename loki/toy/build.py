@@ -36,7 +36,7 @@ from loki.errors import LokiError
 from loki.tokenizer import build_chat_tokenizer
 from loki.toy.world import RERANK_SYSTEM_PROMPT, ToyWorld, generate_world, rerank_conversation, write_world
 
-BUILD_FORMAT = 1  # bump when the build procedure changes so old caches are not reused
+BUILD_FORMAT = 2  # bump when the build procedure changes so old caches are not reused
 
 
 @dataclass(frozen=True)
