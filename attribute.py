@@ -30,7 +30,9 @@ def run(cfg: DictConfig) -> None:
     if data["path"]:  # recorded absolute in meta.json: the working directory, else the repo root
         data["path"] = str(resolve_path(data["path"]).resolve())
     # Data before the model: a missing dataset fails in seconds, not after a multi-GB download.
-    rows = load_mmlu(**{k: data[k] for k in ("source", "path", "split", "subjects", "per_subject", "max_samples", "seed")})
+    rows = load_mmlu(
+        **{k: data[k] for k in ("source", "path", "split", "subjects", "per_subject", "max_samples", "seed")}
+    )
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else None
     store = run_attribution(

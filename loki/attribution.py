@@ -75,7 +75,9 @@ def check_kva_settings(kva: dict) -> None:
         raise LokiError(f"kva.steps must be a positive integer, got {steps!r}.")
 
 
-def build_prompts(rows: Sequence[dict], tokenizer: Any, target: str = "predicted", system_prompt: str | None = None) -> list[dict]:
+def build_prompts(
+    rows: Sequence[dict], tokenizer: Any, target: str = "predicted", system_prompt: str | None = None
+) -> list[dict]:
     """One item per MMLU row: {id, input_ids, target}; target = gold letter id, or -1 (the model's argmax)."""
     if not rows:
         raise LokiError("the attribution dataset is empty; check data.path, data.subjects and the caps.")
@@ -133,7 +135,12 @@ class PadCollate:
             input_ids[row, width - n :] = torch.tensor(item["input_ids"], dtype=torch.long)
             attention_mask[row, width - n :] = 1
         targets = torch.tensor([item["target"] for item in items], dtype=torch.long) if self.with_targets else None
-        return {"ids": [item["id"] for item in items], "input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
+        return {
+            "ids": [item["id"] for item in items],
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "targets": targets,
+        }
 
 
 # ------------------------------------------------------------------------------------------------ module
@@ -145,23 +152,41 @@ class KVAModule(pl.LightningModule):
     Needs `Trainer(inference_mode=False)`: attribution takes gradients with respect to activations.
     """
 
-    def __init__(self, model: torch.nn.Module, steps: int = 7, scope: str = "target", objective: str = "prob", times_activation: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        steps: int = 7,
+        scope: str = "target",
+        objective: str = "prob",
+        times_activation: bool = False,
+    ):
         super().__init__()
         self.model = model.eval()
         self.model.requires_grad_(False)  # only activations need gradients, never weights
-        self.kva_settings = {"steps": int(steps), "scope": scope, "objective": objective, "times_activation": bool(times_activation)}
+        self.kva_settings = {
+            "steps": int(steps),
+            "scope": scope,
+            "objective": objective,
+            "times_activation": bool(times_activation),
+        }
 
     def predict_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> dict:
         if torch.is_inference_mode_enabled():
             raise LokiError("KVA needs gradients: build the Trainer with inference_mode=False.")
         with torch.enable_grad():
             scores = attribute(
-                self.model, batch["input_ids"], batch["attention_mask"], targets=batch.get("targets"), **self.kva_settings
+                self.model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                targets=batch.get("targets"),
+                **self.kva_settings,
             )
         finite = torch.isfinite(scores).flatten(1).all(dim=1)
         if not bool(finite.all()):
             bad = batch["ids"][int((~finite).nonzero()[0])]
-            raise LokiError(f"the attribution of sample '{bad}' is NaN or infinite; check the model's weights and dtype.")
+            raise LokiError(
+                f"the attribution of sample '{bad}' is NaN or infinite; check the model's weights and dtype."
+            )
         return {"ids": list(batch["ids"]), "scores": scores.detach().float().cpu()}
 
 
@@ -208,10 +233,16 @@ def attribution_meta(model: torch.nn.Module, tokenizer: Any, model_name: str, kv
         "prompt": {
             "format": PROMPT_FORMAT,
             "system_prompt": data.get("system_prompt"),
-            "chat_template_sha256": _sha256(template.encode()) if isinstance(template, str) else _sha256(json.dumps(template, sort_keys=True).encode()),
+            "chat_template_sha256": (
+                _sha256(template.encode())
+                if isinstance(template, str)
+                else _sha256(json.dumps(template, sort_keys=True).encode())
+            ),
             "tokenizer_size": len(tokenizer),
         },
-        "data": {key: data.get(key) for key in ("source", "path", "split", "subjects", "per_subject", "max_samples", "seed")},
+        "data": {
+            key: data.get(key) for key in ("source", "path", "split", "subjects", "per_subject", "max_samples", "seed")
+        },
     }
 
 
@@ -306,8 +337,14 @@ def mark_complete(out_dir: str | Path, expected_ids: Iterable[str]) -> None:
     missing = set(expected_ids) - set(store.ids())
     if missing:
         first = min(missing, key=id_sort_key)
-        raise LokiError(f"{len(missing)} samples (e.g. '{first}') are missing from {out_dir} after the run; rerun to finish them.")
-    record = {"num_samples": store.num_samples, "ids_sha256": _sha256("\n".join(store.ids()).encode()), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        raise LokiError(
+            f"{len(missing)} samples (e.g. '{first}') are missing from {out_dir} after the run; rerun to finish them."
+        )
+    record = {
+        "num_samples": store.num_samples,
+        "ids_sha256": _sha256("\n".join(store.ids()).encode()),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     _write_atomic(Path(out_dir) / COMPLETE_FILE, json.dumps(record, indent=2).encode())
 
 
@@ -391,7 +428,9 @@ def stored_ids(out_dir: str | Path) -> set[str]:
     shard_dir = Path(out_dir) / SHARD_DIR
     if not shard_dir.exists():
         return set()
-    return {i for shard in shard_dir.glob("*.safetensors") if not shard.name.startswith(".tmp-") for i in _shard_ids(shard)}
+    return {
+        i for shard in shard_dir.glob("*.safetensors") if not shard.name.startswith(".tmp-") for i in _shard_ids(shard)
+    }
 
 
 # ------------------------------------------------------------------------------------------------ progress
@@ -430,7 +469,11 @@ class SamplesProgressBar(TQDMProgressBar):
         self._done_here += len(batch["ids"])
         done = min(self.total_samples, self._done_here * trainer.world_size)
         bar = self.predict_progress_bar
-        if bar is not None and not bar.disable and (self._should_update(batch_idx + 1, None) or done == self.total_samples):
+        if (
+            bar is not None
+            and not bar.disable
+            and (self._should_update(batch_idx + 1, None) or done == self.total_samples)
+        ):
             bar.n = done
             bar.refresh()
 
@@ -464,8 +507,19 @@ def selection_heatmap(store: ScoreStore, q: float = 0.05, path: str | Path | Non
     for ax, highest in zip(axes, (False, True)):
         grid = torch.zeros(layers, bins)
         for layer, selected in enumerate(selected_positions(store, q, highest)):
-            grid[layer] = torch.bincount(bin_of_row[torch.as_tensor(selected, dtype=torch.long)], minlength=bins).float() / rows_per_bin
-        image = ax.imshow(grid.numpy(), aspect="auto", origin="lower", cmap="viridis", vmin=0.0, interpolation="nearest", extent=(0, rows, -0.5, layers - 0.5))
+            grid[layer] = (
+                torch.bincount(bin_of_row[torch.as_tensor(selected, dtype=torch.long)], minlength=bins).float()
+                / rows_per_bin
+            )
+        image = ax.imshow(
+            grid.numpy(),
+            aspect="auto",
+            origin="lower",
+            cmap="viridis",
+            vmin=0.0,
+            interpolation="nearest",
+            extent=(0, rows, -0.5, layers - 0.5),
+        )
         ax.set_title(f"{'highest' if highest else 'lowest'} {q:.0%} of rows per layer")
         ax.set_xlabel(f"row of down_proj.weight (knowledge vector, {bins} bins)")
         fig.colorbar(image, ax=ax, label="fraction selected")
@@ -523,13 +577,19 @@ def run_attribution(
     expected = [p["id"] for p in prompts]
     done = stored_ids(out_dir)
     # Longest first: the slowest batches show up early in the ETA; similar lengths share a batch (less padding).
-    remaining = sorted((p for p in prompts if p["id"] not in done), key=lambda p: (-len(p["input_ids"]), id_sort_key(p["id"])))
+    remaining = sorted(
+        (p for p in prompts if p["id"] not in done), key=lambda p: (-len(p["input_ids"]), id_sort_key(p["id"]))
+    )
     if done:
-        log.info("Resuming %s: %d of %d samples already scored.", out_dir, len(expected) - len(remaining), len(expected))
+        log.info(
+            "Resuming %s: %d of %d samples already scored.", out_dir, len(expected) - len(remaining), len(expected)
+        )
 
     if remaining:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        loader = DataLoader(remaining, batch_size=int(batch_size), shuffle=False, collate_fn=PadCollate(pad_id, kva["target"] == "gold"))
+        loader = DataLoader(
+            remaining, batch_size=int(batch_size), shuffle=False, collate_fn=PadCollate(pad_id, kva["target"] == "gold")
+        )
         kwargs = dict(trainer_kwargs or {})
         kwargs.update(
             inference_mode=False,  # gradients in predict_step
@@ -538,7 +598,11 @@ def run_attribution(
             enable_model_summary=False,
             enable_progress_bar=progress,
             default_root_dir=str(out_dir),  # never the working directory
-            callbacks=[ScoreWriter(out_dir, expected), *([SamplesProgressBar(len(remaining))] if progress else []), *callbacks],
+            callbacks=[
+                ScoreWriter(out_dir, expected),
+                *([SamplesProgressBar(len(remaining))] if progress else []),
+                *callbacks,
+            ],
         )
         trainer = pl.Trainer(**kwargs)
         # KVAModule freezes the model; hand it back as it came (train.py fine-tunes it next).
@@ -586,7 +650,9 @@ def analyse_for_training(model: torch.nn.Module, tokenizer: Any, cfg: Any) -> Sc
     defaults = OmegaConf.load(ATTRIBUTE_YAML)
     settings = OmegaConf.merge(
         # `model` is there for attribute.yaml's interpolations (a model config may set attribution.data.*).
-        OmegaConf.create({"model": cfg.model, **{key: defaults[key] for key in ("data", "kva", "batch_size", "heatmap")}}),
+        OmegaConf.create(
+            {"model": cfg.model, **{key: defaults[key] for key in ("data", "kva", "batch_size", "heatmap")}}
+        ),
         cfg.get("attribution") or {},
     )
     settings = OmegaConf.to_container(settings, resolve=True)
@@ -595,7 +661,9 @@ def analyse_for_training(model: torch.nn.Module, tokenizer: Any, cfg: Any) -> Sc
         data["path"] = str(resolve_path(data["path"]).resolve())
     check_kva_settings(settings["kva"])
     try:
-        rows = load_mmlu(**{k: data[k] for k in ("source", "path", "split", "subjects", "per_subject", "max_samples", "seed")})
+        rows = load_mmlu(
+            **{k: data[k] for k in ("source", "path", "split", "subjects", "per_subject", "max_samples", "seed")}
+        )
     except LokiError as err:  # in train.py the same setting lives under `attribution`
         raise LokiError(str(err).replace("pass data.path=", "pass attribution.data.path=")) from None
     accelerator = cfg.get("trainer", {}).get("accelerator", "auto") if hasattr(cfg, "get") else "auto"

@@ -180,8 +180,10 @@ def _positions_for(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tuple[P
     return resolve_positions(cfg.loki, model, cfg.model.name, cfg.paths.cache_dir)
 
 
-def _lora_alpha(cfg: DictConfig) -> float:
+def _lora_alpha(cfg: DictConfig) -> float | None:
     # One default for both LoRA flavours, so LoKI+LoRA and the peft baseline are compared at equal scaling.
+    if int(cfg.lora.rank) == 0:
+        return None
     return float(cfg.lora.alpha) if cfg.lora.alpha is not None else 2.0 * int(cfg.lora.rank)
 
 

@@ -22,7 +22,15 @@ from loki.models import load_model_and_tokenizer
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "mmlu" / "test.jsonl"
 KVA = {"steps": 2, "scope": "target", "objective": "prob", "times_activation": False, "target": "gold"}
-DATA = {"source": "cais/mmlu", "path": str(FIXTURE), "split": "test", "subjects": None, "per_subject": 50, "max_samples": None, "seed": 0}
+DATA = {
+    "source": "cais/mmlu",
+    "path": str(FIXTURE),
+    "split": "test",
+    "subjects": None,
+    "per_subject": 50,
+    "max_samples": None,
+    "seed": 0,
+}
 CPU = {"accelerator": "cpu", "devices": 1}
 
 
@@ -74,7 +82,9 @@ def test_predict_loop_with_writer_equals_attribute(tiny, rows, full_run):
     store = full_run
     assert ScoreStore.exists(store.dir) and store.shape == (4, 64) and store.num_samples == len(rows)
     _assert_store_matches(store, _oracle(tiny, rows))
-    assert store.ids() == [f"{s}/{i}" for s in ("astronomy", "elementary_mathematics", "high_school_chemistry") for i in range(4)]
+    assert store.ids() == [
+        f"{s}/{i}" for s in ("astronomy", "elementary_mathematics", "high_school_chemistry") for i in range(4)
+    ]
     meta = json.loads((store.dir / "meta.json").read_text())
     assert meta["kva"] == KVA and meta["data"]["path"] == str(FIXTURE) and meta["model"]["name"] == "tiny"
     assert len(meta["model"]["weights_fingerprint"]) == 64 and meta["shape"] == [4, 64]
@@ -93,9 +103,19 @@ def test_predicted_target_sequence_scope_and_activation(tiny, rows, tmp_path):
 def test_store_deduplicates_and_orders_naturally(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps({"shape": [2, 3], "model": {"name": "m"}}))
     value = {f"s/{i}": torch.full((2, 3), float(i)) for i in range(12)}
-    write_shard(tmp_path, "rank0000-a-0-000000", ["s/10", "s/2", "s/0"], torch.stack([value["s/10"], value["s/2"], value["s/0"]]))
+    write_shard(
+        tmp_path,
+        "rank0000-a-0-000000",
+        ["s/10", "s/2", "s/0"],
+        torch.stack([value["s/10"], value["s/2"], value["s/0"]]),
+    )
     # A second rank repeating samples (DDP sampler padding) and a rerun rewriting one.
-    write_shard(tmp_path, "rank0001-a-0-000000", ["s/1", "s/0", "s/11"], torch.stack([value["s/1"], value["s/0"], value["s/11"]]))
+    write_shard(
+        tmp_path,
+        "rank0001-a-0-000000",
+        ["s/1", "s/0", "s/11"],
+        torch.stack([value["s/1"], value["s/0"], value["s/11"]]),
+    )
     write_shard(tmp_path, "rank0001-b-0-000000", ["s/2"], value["s/2"][None])
     (tmp_path / "shards" / ".tmp-rank0000-c-0-000000.safetensors").write_bytes(b"partial write of a killed run")
     store = ScoreStore(tmp_path)
@@ -134,7 +154,9 @@ def test_resume_skips_finished_samples(tiny, rows, tmp_path, monkeypatch, full_r
 def test_refuses_store_made_with_other_settings_or_model(tiny, rows, full_run):
     with pytest.raises(LokiError, match=r"other settings \(kva\.steps is 2 there but 5 now\)"):
         _run(tiny, rows, full_run.dir, kva={**KVA, "steps": 5})
-    other_model, tokenizer = load_model_and_tokenizer(OmegaConf.merge(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml"), {"seed": 1}))
+    other_model, tokenizer = load_model_and_tokenizer(
+        OmegaConf.merge(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml"), {"seed": 1})
+    )
     with pytest.raises(LokiError, match=r"another model \(model\.weights_fingerprint"):
         _run((other_model, tokenizer), rows, full_run.dir)
 
@@ -170,13 +192,36 @@ def test_non_finite_attribution_names_the_sample(tiny, rows, tmp_path, monkeypat
 
 
 def _cli(*overrides: str, cache: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LOKI_CACHE": str(cache), "LOKI_LOG_DIR": str(cache / "logs"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(REPO / "attribute.py"), *overrides], cwd=cache, env=env, capture_output=True, text=True, timeout=timeout)
+    env = {
+        **os.environ,
+        "LOKI_CACHE": str(cache),
+        "LOKI_LOG_DIR": str(cache / "logs"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [sys.executable, str(REPO / "attribute.py"), *overrides],
+        cwd=cache,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_cli_two_process_ddp_equals_one_process(tiny, rows, tmp_path, full_run):
     """The attribute.py smoke run, on 2 CPU processes: store, meta, heatmap; merged == the 1-process run."""
-    result = _cli(f"data.path={FIXTURE}", "kva.steps=2", "kva.target=gold", "batch_size=4", "trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu", cache=tmp_path)
+    result = _cli(
+        f"data.path={FIXTURE}",
+        "kva.steps=2",
+        "kva.target=gold",
+        "batch_size=4",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.accelerator=cpu",
+        cache=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out_dir = default_scores_dir(tmp_path, "tiny")
     store = ScoreStore(out_dir)

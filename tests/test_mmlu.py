@@ -31,7 +31,9 @@ def test_rows_keep_schema_and_get_per_subject_ids():
 
 def test_per_subject_keeps_first_rows_of_each_subject():
     rows = load_mmlu(path=FIXTURE, per_subject=2)
-    assert [r["id"] for r in rows] == [f"{s}/{i}" for s in ("astronomy", "high_school_chemistry", "elementary_mathematics") for i in (0, 1)]
+    assert [r["id"] for r in rows] == [
+        f"{s}/{i}" for s in ("astronomy", "high_school_chemistry", "elementary_mathematics") for i in (0, 1)
+    ]
 
 
 def test_subjects_filter_and_unknown_subject(tmp_path):

@@ -151,9 +151,7 @@ def mc_messages(example: dict, with_system: str | None = None) -> list[dict]:
 
 
 def _prompt_text(tokenizer, example: dict, with_system: str | None) -> str:
-    return tokenizer.apply_chat_template(
-        mc_messages(example, with_system), add_generation_prompt=True, tokenize=False
-    )
+    return tokenizer.apply_chat_template(mc_messages(example, with_system), add_generation_prompt=True, tokenize=False)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -175,9 +173,7 @@ def letter_token_ids(tokenizer, example: dict | None = None, with_system: str | 
     for letter in LETTERS:
         full = _encode(tokenizer, prompt + letter)
         if full[: len(prompt_ids)] != prompt_ids or len(full) != len(prompt_ids) + 1:
-            raise LokiError(
-                f"answer letter '{letter}' is not a single token after this tokenizer's generation prompt."
-            )
+            raise LokiError(f"answer letter '{letter}' is not a single token after this tokenizer's generation prompt.")
         ids.append(full[-1])
     return ids
 
