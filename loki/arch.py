@@ -2,7 +2,7 @@
 
 The method only needs two things from a model: its list of decoder layers and, in each layer, the
 FFN down-projection `nn.Linear` whose weight has shape [hidden_size, intermediate_size]. Hugging Face
-Qwen2, Qwen3, Llama, Mistral and Gemma-style decoders all keep them at `<base>.layers[i].mlp.down_proj`.
+Qwen2, Qwen3, Llama and Mistral decoders (and others built the same way) keep them at `<base>.layers[i].mlp.down_proj`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from torch import nn
 
 from loki.errors import LokiError
 
-# Model families whose layout has been checked (model_type as in the HF config).
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "phi3", "olmo2")
+# Model families that are tested (model_type as in the HF config); others with the same layout also load.
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
 
 
 @dataclass(frozen=True)

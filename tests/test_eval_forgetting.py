@@ -39,7 +39,7 @@ def test_forgetting_report_per_benchmark():
 def test_evaluate_reloads_an_exported_run(tmp_path, chat_tokenizer):
     from omegaconf import OmegaConf
 
-    from conftest import make_tiny_model
+    from tests.conftest import make_tiny_model
     from loki.evaluate import main
 
     run = tmp_path / "run"

@@ -119,7 +119,7 @@ def test_reranker_eval_end_to_end_with_a_stub_model(chat_tokenizer):
 
 
 def test_reranker_eval_runs_on_a_tiny_model(chat_tokenizer):
-    from conftest import make_tiny_model
+    from tests.conftest import make_tiny_model
 
     cfg = OmegaConf.load("conf/task/tiny_rerank.yaml").eval
     got = run_task_eval(make_tiny_model(vocab=len(chat_tokenizer)), chat_tokenizer, cfg, stage="val")
@@ -168,7 +168,7 @@ def test_long_documents_are_cut_not_the_prompt(chat_tokenizer):
 def test_task_metric_callback_logs_val_metrics(chat_tokenizer):
     import lightning.pytorch as pl
 
-    from conftest import make_tiny_model
+    from tests.conftest import make_tiny_model
     from loki.data.chat import ChatSFTDataModule
     from loki.eval import TaskMetricCallback
 

@@ -70,7 +70,7 @@ def test_cloze_mode_matches_hand_computed_scores(chat_tokenizer, tmp_path):
 
 
 def test_run_retention_on_a_tiny_model_and_missing_lm_eval(chat_tokenizer, monkeypatch, caplog):
-    from conftest import make_tiny_model
+    from tests.conftest import make_tiny_model
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import fails as if lm-eval were not installed
     cfg = {
@@ -88,7 +88,7 @@ def test_run_retention_on_a_tiny_model_and_missing_lm_eval(chat_tokenizer, monke
 
 
 def test_batching_does_not_change_scores(chat_tokenizer):
-    from conftest import make_tiny_model
+    from tests.conftest import make_tiny_model
 
     model = make_tiny_model(vocab=len(chat_tokenizer))
     bench = {"path": MMLU, "mode": "cloze", "per_subject": None, "max_samples": 2}

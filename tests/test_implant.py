@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import make_tiny_model
-from ddp_implant_worker import MODES, POSITIONS, VOCAB, TinyCausalLM, make_trainer, token_batches
+from tests.conftest import make_tiny_model
+from tests.ddp_implant_worker import MODES, POSITIONS, VOCAB, TinyCausalLM, make_trainer, token_batches
 from loki.arch import down_projs
 from loki.errors import LokiError
 from loki.implant import (

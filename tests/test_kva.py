@@ -7,9 +7,18 @@ import torch
 
 from loki.errors import LokiError
 from loki.kva import attribute
-from conftest import make_tiny_model
+from tests.conftest import make_tiny_model
 
 LAYERS, HIDDEN, INTER = 3, 32, 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matrices: a second thread only adds synchronisation, which is very costly on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def oracle(model, input_ids, attention_mask, *, targets=None, steps=7, scope="target", objective="prob",

@@ -36,7 +36,7 @@ from loki.errors import LokiError
 from loki.tokenizer import build_chat_tokenizer
 from loki.toy.world import RERANK_SYSTEM_PROMPT, ToyWorld, generate_world, rerank_conversation, write_world
 
-BUILD_FORMAT = 2  # bump when the build procedure changes so old caches are not reused
+BUILD_FORMAT = 3  # bump when the build procedure changes so old caches are not reused
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class ToySettings:
     lr: float = 3e-3
     warmup_steps: int = 30
     weight_decay: float = 0.01
-    threads: int = 2
+    threads: int = 1
 
     @classmethod
     def from_cfg(cls, cfg: Any = None) -> "ToySettings":

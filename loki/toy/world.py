@@ -96,6 +96,12 @@ DOC_TEMPLATES = [
     "Meet the {b} {c}: {f}, light and built for {a}.",
     "A {f} {c} from {b}, designed with {a} in mind.",
 ]
+# Search prose for pretraining: a query followed by a product that fits it. It gives the base model what
+# a real LLM brings to reranking (queries and descriptions share words), never the 1-7 scoring itself.
+SEARCH_TEMPLATES = [
+    "Looking for a {f} {c} for {a}? Try the {b} {c}: {f} and made for {a}.",
+    "Search: {q}. Result: {d}",
+]
 QUERY_TEMPLATES = [
     "{f} {c} for {a}",
     "a {c} for {a} that is {f}",
@@ -126,7 +132,7 @@ class ToyWorld:
     facts: list[dict] = field(default_factory=list)  # {entity, relation, value}
     statements: list[str] = field(default_factory=list)  # pretraining sentences, several per fact
     benchmark: list[dict] = field(default_factory=list)  # MMLU schema rows
-    product_texts: list[str] = field(default_factory=list)  # product prose for pretraining (no scores)
+    product_texts: list[str] = field(default_factory=list)  # product and search prose for pretraining (no scores)
     rerank_train: list[dict] = field(default_factory=list)  # ShareGPT `conversations` rows
     corpus: list[dict] = field(default_factory=list)  # BEIR {_id, title, text}
     queries: list[dict] = field(default_factory=list)  # BEIR {_id, text}
@@ -232,7 +238,11 @@ def generate_world(
     # Product prose for pretraining: the model knows the product words before it learns to score them.
     for _ in range(product_texts_per_entity * num_entities):
         c, f, a = _random_attributes(rng)
-        world.product_texts.append(rng.choice(DOC_TEMPLATES).format(b=rng.choice(train_brands), c=c, f=f, a=a))
+        brand = rng.choice(train_brands)
+        doc = rng.choice(DOC_TEMPLATES).format(b=brand, c=c, f=f, a=a)
+        query = rng.choice(QUERY_TEMPLATES).format(c=c, f=f, a=a)
+        world.product_texts.append(doc)
+        world.product_texts.append(rng.choice(SEARCH_TEMPLATES).format(b=brand, c=c, f=f, a=a, q=query, d=doc))
 
     # Reranker training rows: the 8 match patterns are drawn uniformly so every score is common.
     patterns = [(c, f, a) for c in (False, True) for f in (False, True) for a in (False, True)]
