@@ -12,15 +12,6 @@ from tests.conftest import make_tiny_model
 LAYERS, HIDDEN, INTER = 3, 32, 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices: a second thread only adds synchronisation, which is very costly on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def oracle(model, input_ids, attention_mask, *, targets=None, steps=7, scope="target", objective="prob",
            times_activation=False):
     """The definition, one prompt at a time: for each layer and step, a hook scales that layer's

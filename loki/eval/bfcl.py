@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from loki.errors import LokiError
+from loki.eval.reranker import _model_device
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +131,6 @@ def entry_messages(entry: Mapping[str, Any]) -> list[dict[str, str]]:
     """The first (only, for AST categories) turn with BFCL's function-listing system prompt in front."""
     bfcl = _import_bfcl()
     return bfcl.system_prompt(copy.deepcopy(entry["question"][0]), entry["function"], entry["id"])
-
-
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
 
 
 @torch.no_grad()
