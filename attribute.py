@@ -15,6 +15,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import loki.toy  # noqa: F401  registers the ${toy:...} resolver that the toy model config uses
 from loki.errors import LokiError
 
 

@@ -75,10 +75,29 @@ def check_kva_settings(kva: dict) -> None:
         raise LokiError(f"kva.steps must be a positive integer, got {steps!r}.")
 
 
+PROMPT_STYLES = ("letter", "cloze")
+CLOZE_PROMPT_FORMAT = "mmlu-zero-shot-cloze-chat-v1"
+
+
+def _cloze_prompt(tokenizer: Any, row: dict) -> tuple[list[int], int]:
+    """The question alone in a user turn plus the generation prompt, and the first token of the right
+    answer's text: where a model that answers in words (the toy) states its answer."""
+    from loki.eval.retention import cloze_context
+
+    context, separator = cloze_context(tokenizer, row, chat_template=True)
+    answer = separator + str(row["choices"][int(row["answer"])])
+    return list(tokenizer(context, add_special_tokens=False)["input_ids"]), tokenizer(answer, add_special_tokens=False)["input_ids"][0]
+
+
 def build_prompts(
-    rows: Sequence[dict], tokenizer: Any, target: str = "predicted", system_prompt: str | None = None
+    rows: Sequence[dict], tokenizer: Any, target: str = "predicted", system_prompt: str | None = None, style: str = "letter"
 ) -> list[dict]:
-    """One item per MMLU row: {id, input_ids, target}; target = gold letter id, or -1 (the model's argmax)."""
+    """One item per MMLU row: {id, input_ids, target}; target = gold token id, or -1 (the model's argmax).
+
+    `style="letter"`: the lettered zero-shot prompt, gold = the answer letter (instruct models);
+    `style="cloze"`: the bare question, gold = the first token of the answer text (the toy)."""
+    if style not in PROMPT_STYLES:
+        raise LokiError(f"data.prompt must be one of {', '.join(PROMPT_STYLES)}, got {style!r}.")
     if not rows:
         raise LokiError("the attribution dataset is empty; check data.path, data.subjects and the caps.")
     if target not in TARGET_MODES:
@@ -87,6 +106,12 @@ def build_prompts(
     if len(set(ids)) != len(ids):
         duplicate = next(i for i in ids if ids.count(i) > 1)
         raise LokiError(f"sample id '{duplicate}' occurs twice in the attribution dataset; ids must be unique.")
+    if style == "cloze":
+        prompts = []
+        for row in rows:
+            input_ids, gold = _cloze_prompt(tokenizer, row)
+            prompts.append({"id": row["id"], "input_ids": input_ids, "target": gold if target == "gold" else -1})
+        return prompts
     return [
         {
             "id": row["id"],
@@ -231,7 +256,7 @@ def attribution_meta(model: torch.nn.Module, tokenizer: Any, model_name: str, kv
         "model": model_identity(model, model_name),
         "kva": {key: kva[key] for key in ("steps", "scope", "objective", "times_activation", "target")},
         "prompt": {
-            "format": PROMPT_FORMAT,
+            "format": CLOZE_PROMPT_FORMAT if data.get("prompt") == "cloze" else PROMPT_FORMAT,
             "system_prompt": data.get("system_prompt"),
             "chat_template_sha256": (
                 _sha256(template.encode())
@@ -570,7 +595,7 @@ def run_attribution(
     if int(batch_size) < 1:
         raise LokiError(f"batch_size must be positive, got {batch_size}.")
     arch.dims(model)  # an unsupported architecture stops here
-    prompts = build_prompts(rows, tokenizer, kva["target"], data.get("system_prompt"))
+    prompts = build_prompts(rows, tokenizer, kva["target"], data.get("system_prompt"), data.get("prompt") or "letter")
     check_prompts(prompts, context_length(model))
     rank = _launch_rank()
     out_dir = prepare_store(out_dir, attribution_meta(model, tokenizer, model_name, kva, data), write=rank == 0)
@@ -651,7 +676,11 @@ def analyse_for_training(model: torch.nn.Module, tokenizer: Any, cfg: Any) -> Sc
     settings = OmegaConf.merge(
         # `model` is there for attribute.yaml's interpolations (a model config may set attribution.data.*).
         OmegaConf.create(
-            {"model": cfg.model, **{key: defaults[key] for key in ("data", "kva", "batch_size", "heatmap")}}
+            {
+                # resolved in the run's own config first: the model's fields may point elsewhere in it
+                "model": OmegaConf.to_container(cfg.model, resolve=True) if OmegaConf.is_config(cfg.model) else cfg.model,
+                **{key: defaults[key] for key in ("data", "kva", "batch_size", "heatmap")},
+            }
         ),
         cfg.get("attribution") or {},
     )

@@ -52,6 +52,11 @@ class CausalLMModule(pl.LightningModule):
         self.optimizer_factory = optimizer  # a partial from hydra (`_partial_: true`): takes the params
         self.lr_schedule = dict(lr_schedule or {"kind": "constant", "warmup_ratio": 0.0})
 
+    def on_train_start(self) -> None:
+        # from_pretrained returns eval mode and Lightning keeps module modes: training needs train mode
+        # (dropout, where a model has any).
+        self.model.train()
+
     def forward(self, **batch: torch.Tensor):
         return self.model(**batch)
 

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+import loki.toy  # noqa: F401  registers the ${toy:...} resolver that toy configs use
 from loki import arch
 from loki.errors import LokiError
 from loki.models import load_model_and_tokenizer

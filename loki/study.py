@@ -2,7 +2,7 @@
 
     python -m loki.study                        # full study: every arm x 3 seeds, + suppression check
     python -m loki.study --quick --seeds 0      # CI-sized: fewer steps, one seed
-    python -m loki.study --out DIR model=toy    # extra Hydra overrides go to every run
+    python -m loki.study --seeds 0 -- model.seed=1  # Hydra overrides for every run go after --
 
 Every arm is an ordinary `train.py` run (composed with Hydra's compose API, run in-process through
 `loki.recipe.run`), so the study measures exactly what users get. The suppression check (the paper's
@@ -28,7 +28,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # arm name -> Hydra overrides of train.yaml (q=0.1 is the ablations' reference point, as in the paper)
 ARMS: dict[str, list[str]] = {
     "full": ["loki=off"],
-    "lora-r16": ["loki=off", "lora=r16"],
+    "lora-r16": ["loki=off", "lora=r16", "optimizer.lr=${model.loki_lr}"],  # LoRA, like LoKI, wants a larger step
     "loki-q0.05": ["loki.q=0.05"],
     "loki-q0.1": ["loki.q=0.1"],
     "loki-q0.2": ["loki.q=0.2"],
@@ -39,7 +39,7 @@ ARMS: dict[str, list[str]] = {
     "layer_balanced_highest-q0.1": ["loki.q=0.1", "loki.strategy=layer_balanced_highest"],
     "random-q0.1": ["loki.q=0.1", "loki.strategy=random"],
 }
-SUPPRESSION_QS = (0.05, 0.1, 0.2)
+SUPPRESSION_QS = (0.05, 0.1, 0.2, 0.3)
 
 
 def compose_train(overrides: Sequence[str]):
@@ -74,6 +74,22 @@ def run_arm(name: str, seed: int, out_dir: Path, extra: Sequence[str], quick_ste
     return recipe.run(cfg)
 
 
+def base_metrics(extra: Sequence[str]) -> dict:
+    """The untrained model's task metric and retention, in the shape of a run's metrics.json."""
+    from loki.eval import forgetting_report, run_retention, run_task_eval
+    from loki.models import load_model_and_tokenizer
+
+    cfg = compose_train(list(extra))
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    retention = run_retention(model, tokenizer, cfg.eval)
+    return {
+        "task_metrics": run_task_eval(model, tokenizer, cfg.task.eval),
+        "retention": {"before": retention, "after": retention},
+        "forgetting": forgetting_report(retention, retention),
+        "trainable": {"trainable_effective": 0},
+    }
+
+
 def zero_rows(model: torch.nn.Module, positions: list[list[int]]) -> None:
     """Suppress knowledge vectors: set the selected rows of every down_proj.weight to zero (in place)."""
     from loki import arch
@@ -93,7 +109,12 @@ def suppression(extra: Sequence[str], seeds: Sequence[int], qs: Sequence[float] 
 
     cfg = compose_train(list(extra))
     model, tokenizer = load_model_and_tokenizer(cfg.model)
-    store = ScoreStore(default_scores_dir(cfg.paths.cache_dir, cfg.model.name))
+    store_dir = default_scores_dir(cfg.paths.cache_dir, cfg.model.name)
+    if not ScoreStore.exists(store_dir):  # no training arm ran first: analyse now, as train.py would
+        from loki.attribution import analyse_for_training
+
+        analyse_for_training(model, tokenizer, cfg)
+    store = ScoreStore(store_dir)
     base = run_retention(model, tokenizer, cfg.eval)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rows = []
@@ -101,6 +122,8 @@ def suppression(extra: Sequence[str], seeds: Sequence[int], qs: Sequence[float] 
         picks = {
             "lowest": [select_positions(store.iter_chunks(), q, strategy="layer_balanced")],
             "highest": [select_positions(store.iter_chunks(), q, strategy="layer_balanced_highest")],
+            "lowest-abs": [select_positions(store.iter_chunks(), q, strategy="layer_balanced", score="abs")],
+            "highest-abs": [select_positions(store.iter_chunks(), q, strategy="layer_balanced_highest", score="abs")],
             "random": [select_positions(store.iter_chunks(), q, strategy="random", seed=s) for s in seeds],
         }
         for kind, position_sets in picks.items():
@@ -159,7 +182,8 @@ def summarise(runs: dict[str, list[dict]], supp: list[dict], task_metric: str, g
             g = _mean_std([_primary(r["after"], "/" + graded) for r in group])
             a = _mean_std([_primary(r["after"], "/acc") for r in group])
             table[f"suppress-{kind}-q{q:g}"] = {"graded": g, "acc": a}
-            lines.append(f"| {q:g} | KVA-{kind} | {_fmt(g)} | {_fmt(a)} |" if kind != "random" else f"| {q:g} | random | {_fmt(g)} | {_fmt(a)} |")
+            label = "random" if kind == "random" else f"KVA-{kind.replace('-abs', '')} ({'abs' if kind.endswith('abs') else 'signed'})"
+            lines.append(f"| {q:g} | {label} | {_fmt(g)} | {_fmt(a)} |")
     return "\n".join(lines), table
 
 
@@ -204,16 +228,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("outputs/study"), help="study dir (resumable)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="which arms to run")
+    parser.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS), help="which arms to run (none: suppression only)")
     parser.add_argument("--quick", type=int, nargs="?", const=40, default=None, help="cap training at N steps (CI)")
     parser.add_argument("--no-suppression", action="store_true", help="skip the suppression check")
-    parser.add_argument("--task-metric", default="ndcg@1", help="task metric key to tabulate")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the toy is tiny: run arms in parallel processes instead)")
+    parser.add_argument("--task-metric", default="ndcg@10", help="task metric key to tabulate (the toy task's primary)")
     parser.add_argument("--graded", default="logprob", help="retention graded measure to tabulate")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (e.g. model=toy)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
     started = time.time()
-    runs = {name: [run_arm(name, seed, args.out, args.overrides, args.quick) for seed in args.seeds] for name in args.arms}
+    runs = {"base (no training)": [base_metrics(args.overrides)]}
+    runs.update({name: [run_arm(name, seed, args.out, args.overrides, args.quick) for seed in args.seeds] for name in args.arms})
     supp = [] if args.no_suppression else suppression(args.overrides, args.seeds)
     text, table = summarise(runs, supp, args.task_metric, args.graded)
     (args.out / "study.md").write_text(text + "\n")

@@ -62,7 +62,8 @@ def test_paper_command_composes():
     cfg = _compose(["model=qwen0.5b", "task=reranker", "loki.q=0.05"])
     assert cfg.model.pretrained == "Qwen/Qwen2.5-0.5B-Instruct"
     assert cfg.loki.q == 0.05 and cfg.loki.enabled
-    assert cfg.optimizer.lr == cfg.model.finetune_lr
+    assert cfg.optimizer.lr == cfg.model.loki_lr == 1e-4  # LoKI's own default step for this model
+    assert _compose(["model=qwen0.5b", "loki=off"]).optimizer.lr == 1e-5  # the baselines' step
     assert cfg.method_name == "loki-q0.05"
 
 

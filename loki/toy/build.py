@@ -25,7 +25,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2
 
 from loki.errors import LokiError
 from loki.tokenizer import build_chat_tokenizer
-from loki.toy.world import RERANK_SYSTEM_PROMPT, ToyWorld, generate_world, rerank_conversation, write_world
+from loki.toy.world import RERANK_SYSTEM_PROMPT, ToyWorld, generate_world, write_world
 
-BUILD_FORMAT = 3  # bump when the build procedure changes so old caches are not reused
+BUILD_FORMAT = 4  # bump when the build procedure changes so old caches are not reused
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class ToySettings:
 
     seed: int = 0
     num_entities: int = 60
-    num_rerank_train: int = 2000
+    num_rerank_train: int = 6000
     num_eval_queries: int = 20
     vocab_size: int = 768
     hidden_size: int = 128
@@ -243,7 +243,7 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 def build_toy(settings: ToySettings, cache_dir: str | Path, log_every: int = 0) -> dict:
     """Generate the world, train the tokenizer, pretrain, evaluate and write the cache dir; returns the manifest."""
-    from loki.toy.scoring import cloze_metrics
+    from loki.eval.retention import score_cloze  # the same scorer retention uses on the toy
 
     ensure_world(settings, cache_dir)
     root = build_dir(settings, cache_dir)
@@ -253,7 +253,8 @@ def build_toy(settings: ToySettings, cache_dir: str | Path, log_every: int = 0) 
         tokenizer = train_tokenizer(world, settings.vocab_size)
         model = pretrain(settings, world, tokenizer, log_every=log_every)
         pretrain_seconds = time.time() - started
-        quality = cloze_metrics(model, tokenizer, world.benchmark)
+        scores = score_cloze(model, tokenizer, world.benchmark, batch_size=128)
+        quality = {"cloze_accuracy": scores["acc"], "graded_logprob": scores["logprob"], "chance_logprob": math.log(0.25)}
     manifest = {
         "build_hash": settings.build_hash(),
         "settings": asdict(settings),

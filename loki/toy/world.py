@@ -11,9 +11,12 @@ measurable:
 - **Task** (what fine-tuning teaches): reranking invented product descriptions against shopping
   queries, in the LB reranker chat schema (system prompt asking for a 1-7 relatedness score, user turn
   `<<<Query>>>\\n{query}\\n\\n<<<Context>>>\\n{text}`, assistant one digit), plus a BEIR-format evaluation
-  set (corpus.jsonl, queries.jsonl, qrels/test.tsv). A product has a category, a feature and an
-  audience; relatedness = 1 + 3*(same category) + 2*(same feature) + 1*(same audience), so every score
-  1-7 is reachable and the best document of a query matches it on all three.
+  set (corpus.jsonl, queries.jsonl, qrels/test.tsv). A product has a category, a feature, an audience
+  and a condition (broken, worn, sturdy, flawless); relatedness = 1 + 3*(same category) + condition
+  (0-3), so every score 1-7 is reachable. Why not all three attributes: a 1M-parameter model does not
+  learn to compare query words with document words within a CPU-minute fine-tune (tried: the score
+  stays at the label mean), but it learns a document-side signal in ~100 steps and the category match
+  on top of it more slowly, which is enough for a task metric that moves.
 
 Everything is a pure function of the seed (Python's `random.Random`, sorted iteration), so the files
 written by `write_world` are byte-identical for the same seed.
@@ -163,10 +166,17 @@ def _brand_name(rng: random.Random) -> str:
     return (rng.choice(_BRAND_ONSETS) + rng.choice(_BRAND_VOWELS) + rng.choice(_BRAND_ENDINGS)).capitalize()
 
 
-def relatedness(query: tuple[str, str, str], product: tuple[str, str, str]) -> int:
-    """The task's ground truth on the 1-7 scale: category counts 3, feature 2, audience 1."""
-    (qc, qf, qa), (pc, pf, pa) = query, product
-    return 1 + 3 * (qc == pc) + 2 * (qf == pf) + 1 * (qa == pa)
+# Product condition, worst to best: the document-side part of relevance (its index is the score it adds).
+CONDITIONS = ["broken", "worn", "sturdy", "flawless"]
+
+
+def relatedness(query: tuple[str, str, str], product: tuple[str, str, str], condition: str) -> int:
+    """The task's ground truth on the 1-7 scale: 3 for the same category, plus the condition's 0-3."""
+    return 1 + 3 * (query[0] == product[0]) + CONDITIONS.index(condition)
+
+
+def product_text(rng: random.Random, brand: str, product: tuple[str, str, str], condition: str) -> str:
+    return rng.choice(DOC_TEMPLATES).format(b=brand, c=product[0], f=product[1], a=product[2]) + f" Condition: {condition}."
 
 
 def rerank_user_turn(query: str, text: str) -> str:
@@ -239,7 +249,7 @@ def generate_world(
     for _ in range(product_texts_per_entity * num_entities):
         c, f, a = _random_attributes(rng)
         brand = rng.choice(train_brands)
-        doc = rng.choice(DOC_TEMPLATES).format(b=brand, c=c, f=f, a=a)
+        doc = product_text(rng, brand, (c, f, a), rng.choice(CONDITIONS))
         query = rng.choice(QUERY_TEMPLATES).format(c=c, f=f, a=a)
         world.product_texts.append(doc)
         world.product_texts.append(rng.choice(SEARCH_TEMPLATES).format(b=brand, c=c, f=f, a=a, q=query, d=doc))
@@ -250,8 +260,9 @@ def generate_world(
         query = _random_attributes(rng)
         product = _product_with_matches(rng, query, rng.choice(patterns))
         query_text = rng.choice(QUERY_TEMPLATES).format(c=query[0], f=query[1], a=query[2])
-        doc_text = rng.choice(DOC_TEMPLATES).format(b=rng.choice(train_brands), c=product[0], f=product[1], a=product[2])
-        world.rerank_train.append(rerank_conversation(query_text, doc_text, relatedness(query, product)))
+        condition = rng.choice(CONDITIONS)
+        doc_text = product_text(rng, rng.choice(train_brands), product, condition)
+        world.rerank_train.append(rerank_conversation(query_text, doc_text, relatedness(query, product, condition)))
 
     # BEIR evaluation set: per query one exact match and a few partial matches, plus unrelated products;
     # graded qrels (relatedness - 1) are computed against the whole corpus, so they are exact.
@@ -266,15 +277,16 @@ def generate_world(
         for _ in range(docs_per_eval_query - 1):
             products.append(_product_with_matches(rng, query, rng.choice(patterns[:-1])))
     products += [_random_attributes(rng) for _ in range(extra_eval_docs)]
+    conditions = [rng.choice(CONDITIONS) for _ in products]
     for index, product in enumerate(products):
         brand = rng.choice(eval_brands)
-        text = rng.choice(DOC_TEMPLATES).format(b=brand, c=product[0], f=product[1], a=product[2])
+        text = product_text(rng, brand, product, conditions[index])
         world.corpus.append({"_id": f"d{index}", "title": f"{brand} {product[0]}", "text": text})
     for index, query in enumerate(eval_queries):
         query_id = f"q{index}"
         world.queries.append({"_id": query_id, "text": rng.choice(QUERY_TEMPLATES).format(c=query[0], f=query[1], a=query[2])})
         for doc_index, product in enumerate(products):
-            grade = relatedness(query, product) - 1
+            grade = relatedness(query, product, conditions[doc_index]) - 1
             if grade > 0:
                 world.qrels.append((query_id, f"d{doc_index}", grade))
     return world
