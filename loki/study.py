@@ -154,7 +154,7 @@ def summarise(runs: dict[str, list[dict]], supp: list[dict], task_metric: str, g
     """Markdown tables (training arms; suppression) and the same numbers as a dict."""
     table = {}
     lines = [
-        f"| method | trainable params | task {task_metric} | retention {graded} after | retention acc after | forgetting Avg (acc, %) | forgetting on {graded} (%) |",
+        f"| method | trainable params | task {task_metric} | retention {graded} after | retention acc after | forgetting Avg (acc, %) | {graded} drop (nats) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, results in runs.items():
@@ -188,9 +188,11 @@ def summarise(runs: dict[str, list[dict]], supp: list[dict], task_metric: str, g
 
 
 def _graded_forgetting(before: dict, after: dict, graded: str) -> float:
-    """Drop of the graded measure (mean log-prob of the right answer, <= 0), relative to before, in %."""
+    """Drop of the graded measure (mean log-prob of the right answer) in nats: before - after, >= 0 = loss.
+
+    Absolute, not relative: a strong base model's log-prob is near 0, so a ratio would explode."""
     b, a = _primary(before, "/" + graded), _primary(after, "/" + graded)
-    return 100.0 * (a - b) / b if b else float("nan")  # log-probs are negative: a more negative value = loss
+    return b - a
 
 
 def _fmt(pair: tuple[float, float]) -> str:
@@ -207,13 +209,13 @@ def plot(table: dict, path: Path, task_metric: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for name, row in table.items():
-        if "task" not in row or math.isnan(row["task"][0]):
-            continue
+    rows = [(name, row) for name, row in table.items() if "task" in row and not math.isnan(row["task"][0])]
+    for index, (name, row) in enumerate(rows):
         (x, xs), (y, ys) = row["graded_forgetting"], row["task"]
         marker = "s" if not name.startswith(("loki", "global", "layer", "random")) else "o"
-        ax.errorbar(x, y, xerr=xs, yerr=ys, fmt=marker, capsize=3, label=name)
-    ax.set_xlabel("forgetting: relative drop of retention log-prob of the right answer (%), lower is better")
+        ax.errorbar(x, y, xerr=xs, yerr=ys, fmt=marker, capsize=3, label=name, color=plt.cm.tab20(index % 20))
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_xlabel("forgetting: retention log-prob drop (nats, symlog; lower is better)")
     ax.set_ylabel(f"task {task_metric} (higher is better)")
     ax.set_title("Toy study: task metric against forgetting (mean ± std over seeds)")
     ax.grid(alpha=0.3)

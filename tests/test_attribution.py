@@ -191,7 +191,7 @@ def test_non_finite_attribution_names_the_sample(tiny, rows, tmp_path, monkeypat
         _run(tiny, pair, tmp_path, batch_size=2)
 
 
-def _cli(*overrides: str, cache: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+def _cli(*overrides: str, cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "LOKI_CACHE": str(cache),
