@@ -78,7 +78,7 @@ def resolve_positions(loki_cfg: Any, model: nn.Module, model_name: str, cache_di
                 )
         return positions, f"positions file {path}"
     check_q(q)
-    from loki.attribution import ScoreStore, default_scores_dir  # the attribution stack, on demand
+    from loki.attribution import ScoreStore, default_scores_dir, model_identity  # the attribution stack, on demand
     from loki.select import select_positions
 
     scores = loki_cfg.get("scores") or "auto"
@@ -86,6 +86,12 @@ def resolve_positions(loki_cfg: Any, model: nn.Module, model_name: str, cache_di
     if not ScoreStore.exists(store_dir):
         raise FileNotFoundError(store_dir)
     store = ScoreStore(store_dir)
+    stored_weights = store.meta.get("model", {}).get("weights_fingerprint")
+    if stored_weights and stored_weights != model_identity(model, model_name)["weights_fingerprint"]:
+        raise LokiError(
+            f"attribution scores in {store_dir} were computed for other weights than this '{model_name}'; "
+            "delete that store to analyse again, or give this model another model.name."
+        )
     if tuple(store.shape) != (d.num_layers, d.hidden_size):
         raise LokiError(
             f"attribution scores in {store_dir} have shape (layers, rows) = {tuple(store.shape)} but the model has "

@@ -84,3 +84,13 @@ def test_train_py_full_fine_tuning_baseline_resumes_from_its_checkpoint(tmp_path
                      f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={resumed}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((resumed / "metrics.json").read_text())["steps"] == 5
+
+
+@pytest.mark.slow
+def test_scores_of_other_weights_under_the_same_name_are_refused(tmp_path):
+    proc, _ = _train(tmp_path, "loki.q=0.25", "evaluate.retention=false", "export=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Same model.name, other random weights: the stored scores do not belong to this model.
+    proc, _ = _train(tmp_path, "loki.q=0.25", "model.seed=1", f"hydra.run.dir={tmp_path / 'other'}")
+    assert proc.returncode == 2
+    assert "were computed for other weights than this 'tiny'" in proc.stderr.strip().splitlines()[-1]
