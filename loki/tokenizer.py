@@ -51,3 +51,20 @@ def build_chat_tokenizer(texts: Iterable[str] = (), vocab_size: int = 0) -> PreT
     )
     fast.padding_side = "left"  # generation-friendly default; loaders set what they need explicitly
     return fast
+
+
+def single_token_ids(tokenizer, prompt: str, answers, what: str) -> list[int]:
+    """Ids of each answer string as the model emits it right after `prompt`; each must be one token.
+
+    Encoding `prompt + answer` (not the answer alone) is what matters: BPE merges across the boundary
+    would otherwise make the scored id differ from the one the model produces."""
+    from loki.errors import LokiError
+
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    ids = []
+    for answer in answers:
+        full = list(tokenizer(prompt + answer, add_special_tokens=False)["input_ids"])
+        if full[: len(prompt_ids)] != prompt_ids or len(full) != len(prompt_ids) + 1:
+            raise LokiError(f"{what} '{answer}' is not a single token after this tokenizer's generation prompt.")
+        ids.append(full[-1])
+    return ids

@@ -167,15 +167,9 @@ def mc_prompt_ids(tokenizer, example: dict, with_system: str | None = None) -> l
 def letter_token_ids(tokenizer, example: dict | None = None, with_system: str | None = None) -> list[int]:
     """Ids of A-D as the model would emit each right after the generation prompt (each must be one token)."""
     example = example or {"subject": "", "question": "?", "choices": ["a", "b", "c", "d"], "answer": 0}
-    prompt = _prompt_text(tokenizer, example, with_system)
-    prompt_ids = _encode(tokenizer, prompt)
-    ids = []
-    for letter in LETTERS:
-        full = _encode(tokenizer, prompt + letter)
-        if full[: len(prompt_ids)] != prompt_ids or len(full) != len(prompt_ids) + 1:
-            raise LokiError(f"answer letter '{letter}' is not a single token after this tokenizer's generation prompt.")
-        ids.append(full[-1])
-    return ids
+    from loki.tokenizer import single_token_ids
+
+    return single_token_ids(tokenizer, _prompt_text(tokenizer, example, with_system), LETTERS, "answer letter")
 
 
 def answer_token_id(tokenizer, example: dict, with_system: str | None = None) -> int:

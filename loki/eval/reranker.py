@@ -43,15 +43,9 @@ def _prompt_text(tokenizer, query: str, text: str) -> str:
 
 def digit_token_ids(tokenizer) -> list[int]:
     """Ids of "1".."7" as the model emits each right after the generation prompt (each must be one token)."""
-    prompt = _prompt_text(tokenizer, "q", "t")
-    prompt_ids = _encode(tokenizer, prompt)
-    ids = []
-    for digit in DIGITS:
-        full = _encode(tokenizer, prompt + digit)
-        if full[: len(prompt_ids)] != prompt_ids or len(full) != len(prompt_ids) + 1:
-            raise LokiError(f"digit '{digit}' is not a single token after this tokenizer's generation prompt.")
-        ids.append(full[-1])
-    return ids
+    from loki.tokenizer import single_token_ids
+
+    return single_token_ids(tokenizer, _prompt_text(tokenizer, "q", "t"), DIGITS, "digit")
 
 
 def expected_relatedness(digit_logits: torch.Tensor) -> torch.Tensor:
