@@ -1,8 +1,9 @@
 """Analyse a base model with KVA: score MMLU prompts into the store train.py reads (`loki.scores=auto`).
 
-    python attribute.py model=tiny data.path=tests/fixtures/mmlu/test.jsonl   # offline smoke run
-    python attribute.py model=qwen0.5b                                       # the paper's setting
-    python attribute.py model=qwen0.5b trainer.devices=2 trainer.strategy=ddp # one share per GPU
+    python attribute.py model=tiny                                              # offline smoke run
+    python attribute.py model=qwen0.5b                                          # the paper's setting
+    python attribute.py model=qwen0.5b kva.recipe=published                     # as the authors' positions were made
+    python attribute.py model=qwen0.5b trainer.devices=2 trainer.strategy=ddp   # one share per GPU
 
 An interrupted run resumes when started again with the same settings (finished samples are skipped).
 """
@@ -16,50 +17,22 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import loki.toy  # noqa: F401  registers the ${toy:...} resolver that the toy model config uses
+from loki import analysis
+from loki.config import check_attribute_config
 from loki.errors import LokiError
+from loki.store import HEATMAP_FILE
 
 
 def run(cfg: DictConfig) -> None:
-    from loki.attribution import HEATMAP_FILE, check_kva_settings, run_attribution
-    from loki.data.chat import resolve_path
-    from loki.data.mmlu import load_mmlu
-    from loki.models import load_model_and_tokenizer
-
-    kva = _plain(cfg.kva)
-    data = _plain(cfg.data)
-    check_kva_settings(kva)
-    if data["path"]:  # recorded absolute in meta.json: the working directory, else the repo root
-        data["path"] = str(resolve_path(data["path"]).resolve())
-    # Data before the model: a missing dataset fails in seconds, not after a multi-GB download.
-    rows = load_mmlu(
-        **{k: data[k] for k in ("source", "path", "split", "subjects", "per_subject", "max_samples", "seed")}
-    )
-    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    check_attribute_config(cfg)  # every user-facing value, before data or model loading
+    out_dir = None if cfg.out_dir == "auto" else cfg.out_dir
     logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else None
-    store = run_attribution(
-        model,
-        tokenizer,
-        rows,
-        out_dir=cfg.out_dir,
-        model_name=cfg.model.name,
-        kva=kva,
-        data=data,
-        batch_size=cfg.batch_size,
-        trainer_kwargs=_plain(cfg.trainer),
-        logger=logger,
-        heatmap_q=cfg.heatmap.q,
-        progress=cfg.progress,
-    )
+    store = analysis.run(cfg, out_dir=out_dir, trainer_kwargs=OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger, progress=cfg.progress)
     if store is not None:  # rank 0
         L, D = store.shape
         print(f"KVA scores of {store.num_samples} samples ([{L} layers x {D} rows] each) in {store.dir}")
-        if cfg.heatmap.q:
+        if cfg.kva.heatmap_q:
             print(f"heatmap: {store.dir / HEATMAP_FILE}")
-
-
-def _plain(node) -> dict:
-    """A resolved plain dict of a config node (recorded in meta.json, passed as kwargs)."""
-    return OmegaConf.to_container(node, resolve=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="attribute")

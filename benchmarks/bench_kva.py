@@ -1,13 +1,17 @@
-"""Seconds per sample: per-layer Captum LayerIntegratedGradients (the published approach) vs loki.kva.
+"""Seconds per sample: per-layer Captum LayerIntegratedGradients (the authors' way) vs each loki.kva recipe.
 
-    python benchmarks/bench_kva.py [--lengths 128 256 512] [--samples 1] [--threads 2]
+    python benchmarks/bench_kva.py [--lengths 128 256 512] [--samples 1] [--threads 1]
+                                   [--layers 16 --hidden 256 --intermediate 1024 --vocab 32000]
 
-Random Qwen2 model: 16 layers, hidden 256, intermediate 1024, 4 heads / 2 KV heads, vocab 32,000.
-The baseline follows the published code: one sample at a time, one Captum call per layer on that
-layer's down_proj, n_steps=7 (riemann_right, i.e. alphas k/7 as in DESIGN.md), all steps in one
-internal batch, the whole sequence interpolated, logits computed at the target position only, and the
-baseline input all-zero token ids (as published; a cost-equivalent stand-in for a zero layer output).
-loki.kva runs one sample at a time too (batching would favour it further). Needs `pip install captum`.
+Random Qwen2 model (default: 16 layers, hidden 256, intermediate 1024, 4 heads / 2 KV heads, vocab
+32,000). The baseline follows the authors' current code (DESIGN.md "Three recipes", recipe="captum"):
+one sample at a time, one Captum call per layer on that layer's down_proj, n_steps=7,
+method="riemann_trapezoid", input baseline all token id 0, all steps in one internal batch, the whole
+sequence interpolated, logits computed at the target position only. loki.kva runs one sample at a
+time too (batching would favour it further), once per recipe: paper (scope target and sequence),
+published, captum. The last column is the largest difference between recipe="captum" and the Captum
+result, relative to the largest score: the two compute the same numbers. Needs `pip install captum`
+(the project's `bench` extra).
 """
 
 from __future__ import annotations
@@ -21,13 +25,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from loki.kva import attribute
 
 
-def build_model(vocab: int):
+def build_model(vocab: int, layers: int = 16, hidden: int = 256, intermediate: int = 1024):
     config = AutoConfig.for_model(
         "qwen2",
         vocab_size=vocab,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=16,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
@@ -49,7 +53,7 @@ def captum_per_layer(model, input_ids, steps=7):
         label = int(model(input_ids, attention_mask=attention_mask).logits[0, -1].argmax())
 
     def forward_func(ids, mask):
-        hidden = model.model(ids, mask).last_hidden_state[:, -1, :]
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1, :]
         return torch.softmax(model.lm_head(hidden), dim=-1)[:, label]
 
     out = []
@@ -60,7 +64,7 @@ def captum_per_layer(model, input_ids, steps=7):
             baselines=torch.zeros_like(input_ids),
             additional_forward_args=(attention_mask,),
             n_steps=steps,
-            method="riemann_right",
+            method="riemann_trapezoid",
             attribute_to_layer_input=False,
         )
         out.append(attributions[0, -1].detach())
@@ -69,39 +73,63 @@ def captum_per_layer(model, input_ids, steps=7):
     return torch.stack(out)
 
 
-def seconds_per_sample(fn, prompts) -> float:
+def seconds_per_sample(fn, prompts) -> tuple[float, list]:
     fn(prompts[0][:, :16])  # warm-up on a short prompt
+    results = []
     start = time.perf_counter()
     for ids in prompts:
-        fn(ids)
-    return (time.perf_counter() - start) / len(prompts)
+        results.append(fn(ids))
+    return (time.perf_counter() - start) / len(prompts), results
+
+
+# (column title, attribute keyword arguments)
+RECIPE_RUNS = [
+    ("paper, target", dict(recipe="paper", scope="target")),
+    ("paper, sequence", dict(recipe="paper", scope="sequence")),
+    ("published", dict(recipe="published")),
+    ("captum", dict(recipe="captum")),
+]
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--samples", type=int, default=1, help="prompts per cell")
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--intermediate", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--threads", type=int, default=1, help="1 avoids thread thrash on a shared machine")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = build_model(args.vocab)
+    model = build_model(args.vocab, args.layers, args.hidden, args.intermediate)
     g = torch.Generator().manual_seed(0)
     rows = []
     for length in args.lengths:
         prompts = [torch.randint(3, args.vocab, (1, length), generator=g) for _ in range(args.samples)]
-        captum = seconds_per_sample(lambda ids: captum_per_layer(model, ids), prompts)
-        sequence = seconds_per_sample(lambda ids: attribute(model, ids, scope="sequence"), prompts)
-        target = seconds_per_sample(lambda ids: attribute(model, ids, scope="target"), prompts)
-        rows.append((length, captum, sequence, target))
+        captum_s, captum_out = seconds_per_sample(lambda ids: captum_per_layer(model, ids)[None], prompts)
+        timings, recipe_out = [], {}
+        for title, settings in RECIPE_RUNS:
+            seconds, out = seconds_per_sample(lambda ids, settings=settings: attribute(model, ids, **settings), prompts)
+            timings.append(seconds)
+            recipe_out[title] = out
+        # recipe="captum" and Captum itself compute the same numbers: relative difference, worst sample.
+        difference = max(
+            float((ours - theirs).abs().max() / theirs.abs().max())
+            for ours, theirs in zip(recipe_out["captum"], captum_out)
+        )
+        rows.append((length, captum_s, timings, difference))
         print(f"done length {length}", flush=True)
-    print(f"\nRandom Qwen2, 16 layers, hidden 256, intermediate 1024, vocab {args.vocab}; steps 7; "
-          f"{args.samples} sample(s) per cell; torch threads {args.threads}; CPU.\n")
-    print("| seq len | Captum per-layer LIG (s/sample) | scope=sequence (s/sample) | scope=target (s/sample) "
-          "| sequence speed-up | target speed-up |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for length, captum, sequence, target in rows:
-        print(f"| {length} | {captum:.2f} | {sequence:.2f} | {target:.3f} | {captum / sequence:.1f}x | {captum / target:.0f}x |")
+    print(f"\nRandom Qwen2, {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
+          f"vocab {args.vocab}; steps 7; {args.samples} sample(s) per cell; torch threads {args.threads}; "
+          f"{'CUDA' if torch.cuda.is_available() else 'CPU'}. Seconds per sample; (Nx) = Captum per-layer "
+          f"time / this column's time.\n")
+    titles = [title for title, _ in RECIPE_RUNS]
+    print("| seq len | Captum per-layer LIG | " + " | ".join(titles) + " | captum recipe vs Captum (rel. diff) |")
+    print("|---:|---:|" + "---:|" * len(titles) + "---:|")
+    for length, captum_s, timings, difference in rows:
+        cells = " | ".join(f"{s:.3f} ({captum_s / s:.1f}x)" for s in timings)
+        print(f"| {length} | {captum_s:.3f} | {cells} | {difference:.1e} |")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""Re-evaluate an exported run: `python -m loki.evaluate run_dir=<run dir> [key=value ...]`.
+"""Re-evaluate an exported run: `python -m loki.evaluate run_dir=<run dir> [+key=value ...]` (a Hydra app).
 
 Loads `<run_dir>/model` (a plain Hugging Face checkpoint) and `<run_dir>/.hydra/config.yaml`, applies
-`key=value` overrides to that saved config (leaves only, e.g. `eval.benchmarks.mmlu.max_samples=100`
-or `task.eval.path=/data/scifact`; config groups cannot be swapped here), reruns the task and the
+`+key=value` overrides to that saved config (leaves only, e.g. `+eval.benchmarks.mmlu.max_samples=100`
+or `+task.eval.path=/data/scifact`; config groups cannot be swapped here), reruns the task and the
 retention evaluation, recomputes the forgetting score against the `retention.before` stored in
 `<run_dir>/metrics.json`, rewrites that file and prints the table. `device=cpu|cuda` picks the device.
 """
@@ -13,12 +13,14 @@ import json
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import hydra
+from omegaconf import DictConfig, OmegaConf
 
 from loki.errors import LokiError
 
 
-def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, device: str | None = None) -> dict:
+def evaluate_run(run_dir: str | Path, overrides: list[str] | dict | None = None, device: str | None = None) -> dict:
+    """Re-evaluate `run_dir`; `overrides`: a dotlist (["a.b=1"]) or a nested dict merged onto its saved config."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -32,7 +34,8 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, device
         raise LokiError(f"run dir '{run_dir}' has no exported model/ (was it trained with export=false?).")
     cfg = OmegaConf.load(config_file)
     if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        patch = OmegaConf.create(overrides) if isinstance(overrides, dict) else OmegaConf.from_dotlist(list(overrides))
+        cfg = OmegaConf.merge(cfg, patch)
     # The saved config still holds ${hydra:...} interpolations; only the task and eval sections are needed.
     task_eval = cfg.task.get("eval") if "task" in cfg else None
     retention_cfg = cfg.get("eval")
@@ -60,20 +63,20 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, device
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    run_dirs = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]
-    devices = [a.split("=", 1)[1] for a in args if a.startswith("device=")]
-    overrides = [a for a in args if not a.startswith(("run_dir=", "device="))]
+# Keys of conf/evaluate.yaml itself; every other top-level key overrides the run's saved config.
+_OWN_KEYS = ("run_dir", "device", "task_name", "paths", "hydra")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    own = set(_OWN_KEYS)
+    extra = {key: value for key, value in OmegaConf.to_container(cfg, resolve=False).items() if key not in own}
     try:
-        if len(run_dirs) != 1:
-            raise LokiError("usage: python -m loki.evaluate run_dir=<run dir> [device=cpu] [key=value ...].")
-        evaluate_run(run_dirs[0], overrides, devices[0] if devices else None)
+        evaluate_run(cfg.run_dir, extra, cfg.device)
     except LokiError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

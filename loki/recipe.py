@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,10 @@ import loki.toy  # noqa: F401  registers the ${toy:...} resolver that toy config
 from loki import arch
 from loki.errors import LokiError
 from loki.models import load_model_and_tokenizer
-from loki.modules import CausalLMModule
+from loki.config import check_train_config
+from loki.device import is_rank_zero
+from loki.lightning.module import CausalLMModule
+from loki.store import safe_name
 from loki.positions import Positions, check_q, load_positions, rows_per_layer, save_positions, validate_positions
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ def method_label(loki_enabled: bool, lora_rank: int, q: float | None, strategy: 
     """Short label of what trains: full, lora-r16, loki-q0.1, loki-q0.1-global_lowest+lora-r16 ..."""
     if not loki_enabled:
         return f"lora-r{int(lora_rank)}" if lora_rank else "full"
-    label = f"loki-q{q:g}"
+    label = f"loki-q{q:g}" if q is not None else "loki-positions"  # a positions file may come without q
     if strategy and strategy != "layer_balanced":
         label += f"-{strategy}"
     return label + (f"+lora-r{int(lora_rank)}" if lora_rank else "")
@@ -58,16 +60,20 @@ def published_positions_path(model_name: str, q: float) -> Path:
     return path
 
 
-def resolve_positions(loki_cfg: Any, model: nn.Module, model_name: str, cache_dir: str | Path) -> tuple[Positions, str]:
+def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tuple[Positions, str]:
     """Positions to implant into, from a file, the published set, or attribution scores (selected here).
 
-    Returns the validated positions and a one-line description of where they came from.
+    Returns the validated positions and a one-line description of where they came from. With
+    `loki.scores=auto`, the store of this model and the composed kva/data settings is used, analysed
+    first if it does not exist yet (`loki.analyse_if_missing`); a store whose model or prompts differ
+    from this run's is refused, never reused.
     """
+    loki_cfg = cfg.loki
     d = arch.dims(model)
     q = loki_cfg.get("q")
     source = loki_cfg.get("positions")
     if source:
-        path = published_positions_path(model_name, check_q(q)) if source == "published" else Path(source)
+        path = published_positions_path(cfg.model.name, check_q(q)) if source == "published" else Path(source)
         positions = validate_positions(load_positions(path), d.num_layers, d.hidden_size, where=str(path))
         if q is not None and loki_cfg.get("strategy") == "layer_balanced":
             k = rows_per_layer(q, d.hidden_size)
@@ -78,20 +84,35 @@ def resolve_positions(loki_cfg: Any, model: nn.Module, model_name: str, cache_di
                 )
         return positions, f"positions file {path}"
     check_q(q)
-    from loki.attribution import ScoreStore, default_scores_dir, model_identity  # the attribution stack, on demand
+    from loki import analysis
+    from loki.attribution import prompt_format
     from loki.select import select_positions
+    from loki.store import ScoreStore, check_meta, store_meta
 
-    scores = loki_cfg.get("scores") or "auto"
-    store_dir = default_scores_dir(cache_dir, model_name) if scores == "auto" else Path(scores)
-    if not ScoreStore.exists(store_dir):
-        raise FileNotFoundError(store_dir)
-    store = ScoreStore(store_dir)
-    stored_weights = store.meta.get("model", {}).get("weights_fingerprint")
-    if stored_weights and stored_weights != model_identity(model, model_name)["weights_fingerprint"]:
-        raise LokiError(
-            f"attribution scores in {store_dir} were computed for other weights than this '{model_name}'; "
-            "delete that store to analyse again, or give this model another model.name."
-        )
+    if loki_cfg.get("scores", "auto") == "auto":
+        store_dir = analysis.default_store(cfg)
+        if not ScoreStore.exists(store_dir):
+            if not loki_cfg.analyse_if_missing:
+                raise LokiError(
+                    f"no attribution scores for model '{cfg.model.name}' with these kva/data settings at {store_dir}; "
+                    "run `python attribute.py` with the same model, kva and data settings first, or pass "
+                    "loki.positions=PATH (or loki.positions=published)."
+                )
+            log.info("No attribution scores for %s with these settings yet: analysing first (once per base model and settings).", cfg.model.name)
+            accelerator = cfg.trainer.get("accelerator", "auto")
+            analysis.run(cfg, model, tokenizer, trainer_kwargs={"accelerator": accelerator, "devices": 1})
+        store = ScoreStore(store_dir)
+        kva, data = analysis.settings(cfg)
+        wanted = store_meta(model, tokenizer, cfg.model.name, kva, data, prompt_format(data.get("prompt") or "letter"))
+        check_meta(store_dir, store.meta, wanted)  # same settings by construction: this checks model and prompts
+    else:
+        # A store named by path may hold another prompt sample (the user chose it), but never another
+        # model or other KVA settings: those change what the scores mean.
+        store_dir = Path(loki_cfg.scores).expanduser()
+        store = ScoreStore(store_dir)
+        kva, data = analysis.settings(cfg)
+        wanted = store_meta(model, tokenizer, cfg.model.name, kva, data, prompt_format(data.get("prompt") or "letter"))
+        check_meta(store_dir, {k: store.meta.get(k) for k in ("model", "shape", "kva")}, {k: wanted[k] for k in ("model", "shape", "kva")})
     if tuple(store.shape) != (d.num_layers, d.hidden_size):
         raise LokiError(
             f"attribution scores in {store_dir} have shape (layers, rows) = {tuple(store.shape)} but the model has "
@@ -153,40 +174,6 @@ class Setup:
     notes: dict = field(default_factory=dict)
 
 
-def _rank() -> int:
-    # Under Lightning's DDP launcher every process re-runs train.py; only rank 0 evaluates and exports.
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Cheap checks of the settings alone, before any model is loaded."""
-    if cfg.loki.enabled:
-        if not cfg.loki.positions:
-            check_q(cfg.loki.q)
-        elif cfg.loki.q is not None:
-            check_q(cfg.loki.q)
-        if cfg.loki.impl not in ("hook", "rows"):
-            raise LokiError(f"loki.impl must be 'hook' or 'rows', got {cfg.loki.impl!r}.")
-    if int(cfg.lora.rank) < 0:
-        raise LokiError(f"lora.rank must be 0 (off) or a positive rank, got {cfg.lora.rank}.")
-
-
-def _positions_for(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tuple[Positions, str]:
-    try:
-        return resolve_positions(cfg.loki, model, cfg.model.name, cfg.paths.cache_dir)
-    except FileNotFoundError as missing:
-        if not cfg.loki.analyse_if_missing:
-            raise LokiError(
-                f"no attribution scores for model '{cfg.model.name}' at {missing}; run `python attribute.py "
-                f"model=...` first, or pass loki.positions=PATH (or loki.positions=published)."
-            ) from None
-    from loki.attribution import analyse_for_training  # the attribution stage, run in-process
-
-    log.info("No attribution scores for %s yet: analysing first (one-off per base model).", cfg.model.name)
-    analyse_for_training(model, tokenizer, cfg)
-    return resolve_positions(cfg.loki, model, cfg.model.name, cfg.paths.cache_dir)
-
-
 def _lora_alpha(cfg: DictConfig) -> float | None:
     # One default for both LoRA flavours, so LoKI+LoRA and the peft baseline are compared at equal scaling.
     if int(cfg.lora.rank) == 0:
@@ -195,7 +182,7 @@ def _lora_alpha(cfg: DictConfig) -> float | None:
 
 
 def setup(cfg: DictConfig) -> Setup:
-    check_config(cfg)
+    check_train_config(cfg)  # every user-facing value, before any data or model is loaded
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
@@ -208,9 +195,10 @@ def setup(cfg: DictConfig) -> Setup:
     out = Setup(run_dir=run_dir, model=model, tokenizer=tokenizer, method=method, datamodule=None, callbacks=callbacks, logger=logger)
 
     if cfg.loki.enabled:
-        from loki.implant import LokiCallback, check_positions
+        from loki.implant import check_positions
+        from loki.lightning import LokiCallback
 
-        out.positions, out.positions_source = _positions_for(cfg, model, tokenizer)
+        out.positions, out.positions_source = resolve_positions(cfg, model, tokenizer)
         out.loki_callback = LokiCallback(
             out.positions,
             impl=cfg.loki.impl,
@@ -234,7 +222,7 @@ def setup(cfg: DictConfig) -> Setup:
         out.peft_lora = True
 
     out.datamodule = instantiate(cfg.task.data, tokenizer=tokenizer, seed=cfg.seed)
-    if cfg.evaluate.validation_task_metric and cfg.task.get("eval") and _rank() == 0:
+    if cfg.evaluate.validation_task_metric and cfg.task.get("eval") and is_rank_zero():
         from loki.eval import TaskMetricCallback
 
         out.callbacks.append(TaskMetricCallback(cfg.task.eval))
@@ -258,11 +246,11 @@ def _retention_cache_path(cfg: DictConfig) -> Path:
         sort_keys=True,
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return Path(cfg.paths.cache_dir) / "retention" / f"{cfg.model.name}-{digest}.json"
+    return Path(cfg.paths.cache_dir) / "retention" / f"{safe_name(cfg.model.name)}-{digest}.json"
 
 
 def evaluate_retention(cfg: DictConfig, setup: Setup, stage: str) -> dict | None:
-    if not cfg.evaluate.retention or _rank() != 0:
+    if not cfg.evaluate.retention or not is_rank_zero():
         return None
     from loki.eval import run_retention
 

@@ -3,14 +3,16 @@
 Scores are [N, L, D] (samples x layers x rows), given whole or as an iterable of sample chunks
 [n_i, L, D]; only per-(layer, row) tallies are kept, so memory does not grow with N.
 
-Strategies (k = floor(q * D) rows per layer):
+Strategies (k = floor(q * D) rows per layer; n = int(L * D * q) rows in total for the global ones):
 
 * layer_balanced (the paper's Eqs. 6-9): for each sample and layer, take the k lowest scores; count,
   per (layer, row), how many samples took it; per layer keep the k most frequent rows.
 * layer_balanced_highest: the mirror image (k highest per sample; most frequent).
-* global_lowest / global_highest: the same with no per-layer quota. For each sample, take the L*k
-  lowest (highest) scores over all L*D (layer, row) pairs; count over samples; keep the L*k most
-  frequent pairs anywhere. Layers then hold different numbers of rows (possibly none).
+* global_lowest / global_highest: the same with no per-layer quota. For each sample, take the n
+  lowest (highest) scores over all L*D (layer, row) pairs; count over samples; keep the n most
+  frequent pairs anywhere. Layers then hold different numbers of rows (possibly none). n = int(L*D*q)
+  is the LoKI authors' count (Qwen2.5-0.5B, 24 x 896 at q = 0.1: 2,150 rows), which can exceed the
+  layer-balanced total L*k (2,136 there) by up to L-1.
 * random: k rows per layer drawn uniformly with a seeded generator (a control; scores give only shape).
 
 Ties, everywhere, are broken deterministically: within a sample, equal scores are taken in row order
@@ -25,6 +27,7 @@ rank order (most frequent first), as in the published positions files.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -64,6 +67,13 @@ def select_positions(
     return tally.positions(seed)
 
 
+def global_rows(q: float, num_layers: int, hidden_size: int) -> int:
+    """n = int(L * D * q), the global strategies' total (the LoKI authors' count); rounded before flooring
+    like `rows_per_layer`, so a product such as 409.6 is never read as 409.59999."""
+    check_q(q)
+    return int(math.floor(round(num_layers * hidden_size * q, 9)))
+
+
 class _Tally:
     """Running counts of how often each (layer, row) was taken, and running score sums for ties."""
 
@@ -73,7 +83,7 @@ class _Tally:
         self.per_layer = strategy.startswith("layer_balanced")
         self.shape = tuple(expected_shape) if expected_shape is not None else None
         self.counts = self.sums = None
-        self.k = None
+        self.k = self.total = None
         self.samples = self.chunks = 0
 
     def add(self, chunk: torch.Tensor) -> None:
@@ -95,7 +105,7 @@ class _Tally:
             if self.per_layer:
                 taken = _lowest_k(values, self.k) + torch.arange(layers)[:, None] * hidden  # flat l*D + j
             else:
-                taken = _lowest_k(values.reshape(len(values), -1), self.k * layers)
+                taken = _lowest_k(values.reshape(len(values), -1), self.total)
             self.counts += torch.bincount(taken.flatten(), minlength=layers * hidden).view(layers, hidden)
         self.samples += len(chunk)
         self.chunks += 1
@@ -109,7 +119,7 @@ class _Tally:
             return [torch.randperm(hidden, generator=generator)[: self.k].tolist() for _ in range(layers)]
         if self.per_layer:
             return [_rank(self.counts[l], self.sums[l])[: self.k].tolist() for l in range(layers)]
-        best = _rank(self.counts.flatten(), self.sums.flatten())[: self.k * layers]
+        best = _rank(self.counts.flatten(), self.sums.flatten())[: self.total]
         out: Positions = [[] for _ in range(layers)]
         for flat_index in best.tolist():
             out[flat_index // hidden].append(flat_index % hidden)
@@ -141,7 +151,11 @@ class _Tally:
             )
         if self.counts is None:
             self.k = rows_per_layer(self.q, self.shape[1])
-            if self.k == 0:
+            self.total = global_rows(self.q, *self.shape)
+            if self.strategy.startswith("global") and self.total == 0:
+                rows = self.shape[0] * self.shape[1]
+                raise LokiError(f"q={self.q} selects no row of {rows}; use q >= {1 / rows:.3g}.")
+            if not self.strategy.startswith("global") and self.k == 0:
                 raise LokiError(f"q={self.q} selects no row of {self.shape[1]}; use q >= {1 / self.shape[1]:.3g}.")
             self.counts = torch.zeros(self.shape, dtype=torch.int64)
             self.sums = torch.zeros(self.shape, dtype=torch.float64)
@@ -190,6 +204,11 @@ def load_score_chunks(path: str | Path) -> Iterator[torch.Tensor]:
     path = Path(path)
     if not path.exists():
         raise LokiError(f"scores path {path} does not exist.")
+    if (path / "meta.json").is_file():  # an attribution store (attribute.py's output)
+        from loki.store import ScoreStore
+
+        yield from ScoreStore(path).iter_chunks()
+        return
     files = sorted(p for p in path.iterdir() if p.suffix in (".pt", ".npy")) if path.is_dir() else [path]
     if not files:
         raise LokiError(f"scores directory {path} holds no .pt or .npy files.")
@@ -218,19 +237,50 @@ def _load_file(file: Path) -> Iterator[torch.Tensor]:
     yield data
 
 
+def compare_positions(a: Positions, b: Positions) -> list[dict]:
+    """Per layer: rows in both, rows in each, and the overlap as a fraction of A's rows."""
+    if len(a) != len(b):
+        raise LokiError(f"the two positions files have {len(a)} and {len(b)} layers; they are for different models.")
+    rows = []
+    for layer, (rows_a, rows_b) in enumerate(zip(a, b)):
+        both = len(set(rows_a) & set(rows_b))
+        rows.append({"layer": layer, "both": both, "a": len(rows_a), "b": len(rows_b), "overlap": both / len(rows_a) if rows_a else float("nan")})
+    return rows
+
+
+def format_comparison(rows: list[dict], name_a: str, name_b: str) -> str:
+    lines = [f"A = {name_a}", f"B = {name_b}", "| layer | rows in A | rows in B | in both | overlap (of A) |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['layer']} | {r['a']} | {r['b']} | {r['both']} | {r['overlap']:.1%} |" for r in rows]
+    total_a, total_both = sum(r["a"] for r in rows), sum(r["both"] for r in rows)
+    lines.append(f"| all | {total_a} | {sum(r['b'] for r in rows)} | {total_both} | {total_both / max(1, total_a):.1%} |")
+    return "\n".join(lines)
+
+
+# argparse, not Hydra: a file-to-file tool over a score store and positions files that composes no model,
+# task or trainer config, so there is nothing for Hydra's config groups to do.
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loki.select", description="KVA scores -> positions JSON.")
-    parser.add_argument("--scores", required=True, help=".pt / .npy file [N, L, D] or a directory of them")
-    parser.add_argument("--q", type=float, required=True, help="fraction of rows per layer, e.g. 0.05")
+    parser = argparse.ArgumentParser(
+        prog="python -m loki.select",
+        description="KVA scores -> positions JSON (--scores/--q/--out), or the per-layer overlap of two positions files (--compare).",
+    )
+    parser.add_argument("--scores", help="an attribution store directory, a .pt / .npy file [N, L, D], or a directory of them")
+    parser.add_argument("--q", type=float, help="fraction of rows per layer, e.g. 0.05")
     parser.add_argument("--strategy", default="layer_balanced", choices=STRATEGIES)
     parser.add_argument("--score", default="signed", choices=SCORE_MODES)
     parser.add_argument("--seed", type=int, default=0, help="for --strategy random")
-    parser.add_argument("--out", required=True, help="positions JSON to write")
+    parser.add_argument("--out", help="positions JSON to write")
+    parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print each layer's overlap of two positions files")
     args = parser.parse_args(argv)
     try:
-        positions = select_positions(
-            load_score_chunks(args.scores), args.q, strategy=args.strategy, seed=args.seed, score=args.score
-        )
+        if args.compare:
+            from loki.positions import load_positions
+
+            a, b = (load_positions(p) for p in args.compare)
+            print(format_comparison(compare_positions(a, b), *args.compare))
+            return 0
+        if not (args.scores and args.q is not None and args.out):
+            parser.error("selection needs --scores, --q and --out (or use --compare A.json B.json)")
+        positions = select_positions(load_score_chunks(args.scores), args.q, strategy=args.strategy, seed=args.seed, score=args.score)
         path = save_positions(positions, args.out)
     except LokiError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,8 +1,8 @@
 """The toy study: does LoKI forget less than full fine-tuning and LoRA, and does KVA find rows that matter?
 
-    python -m loki.study                        # full study: every arm x 3 seeds, + suppression check
-    python -m loki.study --quick --seeds 0      # CI-sized: fewer steps, one seed
-    python -m loki.study --seeds 0 -- model.seed=1  # Hydra overrides for every run go after --
+    python -m loki.study                             # full study: every arm x 3 seeds, + suppression check
+    python -m loki.study quick=40 'seeds=[0]'        # CI-sized: fewer steps, one seed
+    python -m loki.study 'overrides=[model.seed=1]'  # train.py overrides for every run
 
 Every arm is an ordinary `train.py` run (composed with Hydra's compose API, run in-process through
 `loki.recipe.run`), so the study measures exactly what users get. The suppression check (the paper's
@@ -13,7 +13,7 @@ output dir.
 
 from __future__ import annotations
 
-import argparse
+import sys
 import json
 import math
 import statistics
@@ -21,7 +21,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import hydra
 import torch
+from omegaconf import DictConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -102,18 +104,17 @@ def zero_rows(model: torch.nn.Module, positions: list[list[int]]) -> None:
 
 def suppression(extra: Sequence[str], seeds: Sequence[int], qs: Sequence[float] = SUPPRESSION_QS) -> list[dict]:
     """Retention after zeroing the KVA-lowest, KVA-highest or random rows (per layer, k = floor(q D))."""
-    from loki.attribution import ScoreStore, default_scores_dir
+    from loki import analysis
     from loki.eval import run_retention
     from loki.models import load_model_and_tokenizer
     from loki.select import select_positions
+    from loki.store import ScoreStore
 
     cfg = compose_train(list(extra))
     model, tokenizer = load_model_and_tokenizer(cfg.model)
-    store_dir = default_scores_dir(cfg.paths.cache_dir, cfg.model.name)
+    store_dir = analysis.default_store(cfg)
     if not ScoreStore.exists(store_dir):  # no training arm ran first: analyse now, as train.py would
-        from loki.attribution import analyse_for_training
-
-        analyse_for_training(model, tokenizer, cfg)
+        analysis.run(cfg, model, tokenizer, trainer_kwargs={"accelerator": "cpu", "devices": 1}, progress=False)
     store = ScoreStore(store_dir)
     base = run_retention(model, tokenizer, cfg.eval)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -226,32 +227,60 @@ def plot(table: dict, path: Path, task_metric: str) -> Path:
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("outputs/study"), help="study dir (resumable)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
-    parser.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS), help="which arms to run (none: suppression only)")
-    parser.add_argument("--quick", type=int, nargs="?", const=40, default=None, help="cap training at N steps (CI)")
-    parser.add_argument("--no-suppression", action="store_true", help="skip the suppression check")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the toy is tiny: run arms in parallel processes instead)")
-    parser.add_argument("--task-metric", default="ndcg@10", help="task metric key to tabulate (the toy task's primary)")
-    parser.add_argument("--graded", default="logprob", help="retention graded measure to tabulate")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (e.g. model=toy)")
-    args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.threads)
+def run_study(
+    out: str | Path,
+    seeds: Sequence[int] = (0, 1, 2),
+    arms: Sequence[str] | None = None,
+    quick: int | None = None,
+    suppression_check: bool = True,
+    threads: int = 1,
+    task_metric: str = "ndcg@10",
+    graded: str = "logprob",
+    overrides: Sequence[str] = (),
+) -> dict:
+    """Run the arms and the suppression check; write study.md / study.json / study.png under `out`."""
+    from loki.errors import LokiError
+
+    arms = list(ARMS) if arms is None else list(arms)
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise LokiError(f"arms must be a list of {', '.join(ARMS)}, got {unknown[0]!r}.")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(int(threads))
     started = time.time()
-    runs = {"base (no training)": [base_metrics(args.overrides)]}
-    runs.update({name: [run_arm(name, seed, args.out, args.overrides, args.quick) for seed in args.seeds] for name in args.arms})
-    supp = [] if args.no_suppression else suppression(args.overrides, args.seeds)
-    text, table = summarise(runs, supp, args.task_metric, args.graded)
-    (args.out / "study.md").write_text(text + "\n")
-    (args.out / "study.json").write_text(json.dumps({"table": table, "suppression": supp}, indent=2, default=float))
+    runs = {"base (no training)": [base_metrics(overrides)]}
+    runs.update({name: [run_arm(name, seed, out, overrides, quick) for seed in seeds] for name in arms})
+    supp = suppression(overrides, seeds) if suppression_check else []
+    text, table = summarise(runs, supp, task_metric, graded)
+    (out / "study.md").write_text(text + "\n")
+    (out / "study.json").write_text(json.dumps({"table": table, "suppression": supp}, indent=2, default=float))
     if any("task" in row for row in table.values()):
-        plot(table, args.out / "study.png", args.task_metric)
+        plot(table, out / "study.png", task_metric)
     print(text)
-    print(f"study dir: {args.out}  ({time.time() - started:.0f} s)")
+    print(f"study dir: {out}  ({time.time() - started:.0f} s)")
     return table
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="study")
+def main(cfg: DictConfig) -> None:
+    from loki.errors import LokiError
+
+    try:
+        run_study(
+            out=cfg.out or Path(cfg.paths.output_dir),
+            seeds=list(cfg.seeds),
+            arms=None if cfg.arms is None else list(cfg.arms),
+            quick=cfg.quick,
+            suppression_check=cfg.suppression,
+            threads=cfg.threads,
+            task_metric=cfg.task_metric,
+            graded=cfg.graded,
+            overrides=list(cfg.overrides),
+        )
+    except LokiError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+REPO = Path(__file__).resolve().parents[1]
+
+# One temporary cache and log dir for the whole test run, set before anything composes a config: no test
+# reads or writes the user's ~/.cache/loki, and the toy is built (or unpacked) once per run, here.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="loki-tests-"))
+os.environ["LOKI_CACHE"] = str(_SESSION_DIR / "cache")
+os.environ["LOKI_LOG_DIR"] = str(_SESSION_DIR / "logs")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -60,3 +70,25 @@ def chat_tokenizer():
     from loki.tokenizer import build_chat_tokenizer
 
     return build_chat_tokenizer()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
+def compose_config(config_name: str = "train", *overrides: str):
+    """A config composed as the entry point would (conf/<config_name>.yaml plus overrides), no Hydra run."""
+    from hydra import compose, initialize_config_dir
+
+    import loki.recipe  # noqa: F401  registers the ${method:} resolver train.yaml uses
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name, overrides=list(overrides))
+
+
+def run_train(run_dir: Path, *overrides: str) -> dict:
+    """`python train.py <overrides>` in-process: compose train.yaml, then the recipe, writing to run_dir."""
+    from loki import recipe
+
+    cfg = compose_config("train", *overrides, f"paths.output_dir={run_dir}")
+    return recipe.run(cfg)

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from conftest import make_tiny_model  # noqa: E402
 
-from loki.implant import LokiCallback  # noqa: E402
+from loki.lightning import LokiCallback  # noqa: E402
 
 VOCAB = 259
 # 2 layers of 32 rows: 4 selected rows per layer (q = 1/8), deliberately not contiguous.

@@ -1,4 +1,4 @@
-"""The attribution stage: predict loop + writer + store vs direct `attribute`, DDP, resume, bad input, CLI."""
+"""The attribution stage: predict loop + writer + store vs direct `attribute`, DDP, resume, bad input, one CLI run."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import loki.attribution as attribution
-from loki.attribution import ScoreStore, default_scores_dir, run_attribution, write_shard
+import loki.lightning.kva as kva_stage
+from loki import analysis, plots
+from loki.lightning.kva import run_attribution
+from loki.store import ScoreStore, shard_ids, stored_ids, write_shard
 from loki.data.mmlu import answer_token_id, load_mmlu, mc_prompt_ids
 from loki.errors import LokiError
 from loki.kva import attribute
@@ -21,15 +23,18 @@ from loki.models import load_model_and_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "mmlu" / "test.jsonl"
-KVA = {"steps": 2, "scope": "target", "objective": "prob", "times_activation": False, "target": "gold"}
+KVA = {"recipe": "paper", "steps": 2, "scope": "target", "objective": "prob", "times_activation": False, "target": "gold"}
 DATA = {
     "source": "cais/mmlu",
     "path": str(FIXTURE),
     "split": "test",
     "subjects": None,
+    "offset": 0,
     "per_subject": 50,
     "max_samples": None,
     "seed": 0,
+    "prompt": "letter",
+    "system_prompt": None,
 }
 CPU = {"accelerator": "cpu", "devices": 1}
 
@@ -59,7 +64,7 @@ def _oracle(tiny, rows, kva=KVA):
     for row in rows:
         ids = torch.tensor([mc_prompt_ids(tokenizer, row)])
         targets = torch.tensor([answer_token_id(tokenizer, row)]) if kva["target"] == "gold" else None
-        settings = {k: kva[k] for k in ("steps", "scope", "objective", "times_activation")}
+        settings = {k: kva[k] for k in ("recipe", "steps", "scope", "objective", "times_activation")}
         out[row["id"]] = attribute(model, ids, targets=targets, **settings)[0]
     return out
 
@@ -95,7 +100,7 @@ def test_predict_loop_with_writer_equals_attribute(tiny, rows, full_run):
 
 
 def test_predicted_target_sequence_scope_and_activation(tiny, rows, tmp_path):
-    kva = {"steps": 2, "scope": "sequence", "objective": "logit", "times_activation": True, "target": "predicted"}
+    kva = {"recipe": "paper", "steps": 2, "scope": "sequence", "objective": "logit", "times_activation": True, "target": "predicted"}
     store = _run(tiny, rows[:2], tmp_path, kva=kva, batch_size=2)
     _assert_store_matches(store, _oracle(tiny, rows[:2], kva))
 
@@ -126,13 +131,13 @@ def test_store_deduplicates_and_orders_naturally(tmp_path):
 
 
 def test_resume_skips_finished_samples(tiny, rows, tmp_path, monkeypatch, full_run):
-    class KillAfterFirstBatch(attribution.pl.Callback):
+    class KillAfterFirstBatch(kva_stage.pl.Callback):
         def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
             raise RuntimeError("simulated kill")
 
     with pytest.raises(RuntimeError, match="simulated kill"):
         _run(tiny, rows, tmp_path, callbacks=[KillAfterFirstBatch()])
-    finished = set(attribution.stored_ids(tmp_path))
+    finished = set(stored_ids(tmp_path))
     assert len(finished) == 4 and not ScoreStore.exists(tmp_path)
 
     scored: list[int] = []
@@ -141,7 +146,7 @@ def test_resume_skips_finished_samples(tiny, rows, tmp_path, monkeypatch, full_r
         scored.append(input_ids.shape[0])
         return attribute(model, input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(attribution, "attribute", counting_attribute)
+    monkeypatch.setattr(kva_stage, "attribute", counting_attribute)
     store = _run(tiny, rows, tmp_path)
     assert sum(scored) == len(rows) - 4  # finished samples are not recomputed
     assert ScoreStore.exists(tmp_path) and store.ids() == full_run.ids()
@@ -154,6 +159,10 @@ def test_resume_skips_finished_samples(tiny, rows, tmp_path, monkeypatch, full_r
 def test_refuses_store_made_with_other_settings_or_model(tiny, rows, full_run):
     with pytest.raises(LokiError, match=r"other settings \(kva\.steps is 2 there but 5 now\)"):
         _run(tiny, rows, full_run.dir, kva={**KVA, "steps": 5})
+    # The recipe is part of the store's identity: a `paper` store is never read as a `captum` one.
+    captum = {**KVA, "recipe": "captum", "scope": None, "times_activation": None}
+    with pytest.raises(LokiError, match=r"other settings \(kva\.(recipe is 'paper' there but 'captum'|scope is 'target' there but 'sequence')"):
+        _run(tiny, rows, full_run.dir, kva=captum)
     other_model, tokenizer = load_model_and_tokenizer(
         OmegaConf.merge(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml"), {"seed": 1})
     )
@@ -165,7 +174,7 @@ def test_prompt_too_long_and_empty_dataset_stop_before_model_work(tiny, rows, tm
     def must_not_run(*args, **kwargs):
         raise AssertionError("attribute() ran on bad input")
 
-    monkeypatch.setattr(attribution, "attribute", must_not_run)
+    monkeypatch.setattr(kva_stage, "attribute", must_not_run)
     model, tokenizer = tiny
     longest = max(rows, key=lambda r: len(mc_prompt_ids(tokenizer, r)))
     monkeypatch.setattr(model.config, "max_position_embeddings", len(mc_prompt_ids(tokenizer, longest)) - 1)
@@ -182,7 +191,7 @@ def test_non_finite_attribution_names_the_sample(tiny, rows, tmp_path, monkeypat
         scores[1, 2, 3] = float("nan")
         return scores
 
-    monkeypatch.setattr(attribution, "attribute", nan_for_second_row)
+    monkeypatch.setattr(kva_stage, "attribute", nan_for_second_row)
     _, tokenizer = tiny
     pair = rows[4:6]
     # run_attribution orders longest prompt first (ties by id): the NaN lands on the shorter one.
@@ -216,63 +225,72 @@ def test_cli_two_process_ddp_equals_one_process(tiny, rows, tmp_path, full_run):
         f"data.path={FIXTURE}",
         "kva.steps=2",
         "kva.target=gold",
-        "batch_size=4",
+        "kva.batch_size=4",
         "trainer.devices=2",
         "trainer.strategy=ddp",
         "trainer.accelerator=cpu",
         cache=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    out_dir = default_scores_dir(tmp_path, "tiny")
+    (out_dir,) = (tmp_path / "attribution" / "tiny").iterdir()  # the one store of these settings
     store = ScoreStore(out_dir)
     assert ScoreStore.exists(out_dir) and (out_dir / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out_dir / "meta.json").read_text())["kva"] == KVA
     assert "samples/s" in result.stdout + result.stderr
     shards = sorted((out_dir / "shards").glob("*.safetensors"))
     assert {s.name[:8] for s in shards} == {"rank0000", "rank0001"}  # both processes wrote their share
-    written = [i for s in shards for i in attribution._shard_ids(s)]
+    written = [i for s in shards for i in shard_ids(s)]
     assert sorted(set(written)) == sorted(r["id"] for r in rows)  # every sample present
     assert store.ids() == full_run.ids()  # ... and counted exactly once
     _assert_store_matches(store, dict(zip(*full_run.load())))
 
 
-def test_cli_error_is_one_sentence_and_exit_2(tmp_path):
-    # A model that cannot be loaded offline (the dataset's own message is tested in test_mmlu.py).
-    failed = _cli("model=qwen0.5b", f"data.path={FIXTURE}", cache=tmp_path)
-    assert failed.returncode == 2, failed.stderr[-2000:]
-    last = failed.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "Qwen/Qwen2.5-0.5B-Instruct" in last and "Traceback" not in failed.stderr
+def _compose(config: str, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    import loki.recipe  # noqa: F401  registers the ${method:} resolver train.yaml uses
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config, overrides=list(overrides))
 
 
-def test_analyse_for_training_uses_attribute_yaml_defaults_with_overrides(tiny, tmp_path):
-    cfg = OmegaConf.create(
-        {
-            "model": OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml"),
-            "paths": {"cache_dir": str(tmp_path)},
-            "trainer": {"accelerator": "cpu"},
-            "attribution": {"data": {"max_samples": 3}, "kva": {"steps": 1}},  # data.path: from tiny.yaml
-        }
-    )
-    store = attribution.analyse_for_training(*tiny, cfg)
-    assert store.dir == default_scores_dir(tmp_path, "tiny") and ScoreStore.exists(store.dir) and store.num_samples == 3
+def test_model_that_cannot_load_stops_with_one_sentence(tmp_path):
+    import attribute  # the entry point's run(), in-process
+
+    cfg = _compose("attribute", "model=qwen0.5b", f"data.path={FIXTURE}", f"paths.cache_dir={tmp_path}")
+    with pytest.raises(LokiError, match="Qwen/Qwen2.5-0.5B-Instruct") as err:
+        attribute.run(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_train_and_attribute_compose_the_same_settings_and_store(tiny, tmp_path):
+    """train.py's on-demand analysis and attribute.py compose the same kva/data groups: one store."""
+    overrides = ["model=tiny", f"paths.cache_dir={tmp_path}", "data.max_samples=3", "kva.steps=1", "kva.heatmap_q=null"]
+    train_cfg = _compose("train", *overrides, "task=tiny_rerank")
+    attribute_cfg = _compose("attribute", *overrides)
+    assert analysis.default_store(train_cfg) == analysis.default_store(attribute_cfg)
+    store = analysis.run(train_cfg, *tiny, trainer_kwargs=CPU, progress=False)
+    assert store.dir == analysis.default_store(attribute_cfg) and ScoreStore.exists(store.dir) and store.num_samples == 3
     meta = json.loads((store.dir / "meta.json").read_text())
-    attribute_yaml = OmegaConf.load(REPO / "conf" / "attribute.yaml")
-    assert meta["kva"] == {**OmegaConf.to_container(attribute_yaml.kva), "steps": 1}
-    # Precedence: attribute.yaml < the model config's attribution.data < cfg.attribution.
+    assert meta["kva"]["steps"] == 1 and meta["kva"]["recipe"] == "paper"
+    # Precedence: conf/data/mmlu.yaml < the model config's attribution.data < the command line.
     assert meta["data"]["per_subject"] is None and meta["data"]["split"] == "test" and meta["data"]["max_samples"] == 3
+    # Other settings, another store: never a silent reuse.
+    other = _compose("train", *overrides, "task=tiny_rerank", "kva.scope=sequence")
+    assert analysis.default_store(other) != store.dir and analysis.default_store(other).parent == store.dir.parent
 
 
 def test_attribute_yaml_takes_data_defaults_from_the_model_config():
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        tiny_cfg = compose("attribute", overrides=["model=tiny"])
-        cli_cfg = compose("attribute", overrides=["model=tiny", "data.per_subject=2"])
-        qwen_cfg = compose("attribute", overrides=["model=qwen0.5b"])
+    tiny_cfg = _compose("attribute", "model=tiny")
+    cli_cfg = _compose("attribute", "model=tiny", "data.per_subject=2")
+    qwen_cfg = _compose("attribute", "model=qwen0.5b", "model.name=Qwen/Qwen2.5-0.5B-Instruct")
     assert tiny_cfg.data.path == "tests/fixtures/mmlu/test.jsonl" and tiny_cfg.data.per_subject is None
     assert cli_cfg.data.per_subject == 2 and cli_cfg.data.path == "tests/fixtures/mmlu/test.jsonl"
     assert qwen_cfg.data.path is None and qwen_cfg.data.per_subject == 50 and qwen_cfg.data.source == "cais/mmlu"
-    assert qwen_cfg.out_dir.endswith("/attribution/Qwen2.5-0.5B-Instruct") and qwen_cfg.trainer.devices == 1
+    # A "/" in the name is one directory level, the same for both entry points.
+    store = analysis.default_store(qwen_cfg)
+    assert store.parent.name == "Qwen--Qwen2.5-0.5B-Instruct" and store.name.startswith("paper-target-")
+    assert qwen_cfg.out_dir == "auto" and qwen_cfg.trainer.devices == 1
 
 
 def _naive_layer_balanced(scores: torch.Tensor, q: float, highest: bool) -> list[list[int]]:
@@ -297,7 +315,7 @@ def test_heatmap_shows_layer_balanced_selection_and_is_logged(full_run, tmp_path
 
     _, scores = full_run.load()
     for highest in (False, True):
-        assert attribution.selected_positions(full_run, 0.05, highest) == _naive_layer_balanced(scores, 0.05, highest)
+        assert plots.selected_positions(full_run, 0.05, highest) == _naive_layer_balanced(scores, 0.05, highest)
 
     class RecordingWandb(WandbLogger):  # records instead of talking to W&B
         def __init__(self):
@@ -306,12 +324,12 @@ def test_heatmap_shows_layer_balanced_selection_and_is_logged(full_run, tmp_path
         def log_image(self, key, images, **kwargs):
             self.images.append((key, images))
 
-    fig = attribution.selection_heatmap(full_run, 0.05, tmp_path / "heatmap.png")
+    fig = plots.selection_heatmap(full_run, 0.05, tmp_path / "heatmap.png")
     assert len(fig.axes) == 4 and (tmp_path / "heatmap.png").stat().st_size > 0  # 2 panels + 2 colorbars
     lowest = fig.axes[0].images[0].get_array()
     assert lowest.shape == (4, 64) and (lowest.sum(axis=1) == 3).all()  # k = floor(0.05 * 64) rows per layer
     logger = RecordingWandb()
-    assert attribution.log_figure(logger, fig, tmp_path / "heatmap.png")
+    assert plots.log_figure(logger, fig, tmp_path / "heatmap.png")
     assert logger.images == [("attribution/heatmap", [str(tmp_path / "heatmap.png")])]
 
 

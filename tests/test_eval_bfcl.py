@@ -22,8 +22,37 @@ ANSWERS = {
     "Compute 4 factorial and the area of a circle with radius 5.": "[math_tools.factorial(n=4), geometry.circle_area(radius=5.0)]",  # correct
     "Who painted the Mona Lisa?": "None of the given functions can answer that.",  # correct: no call
     "Translate 'good morning' into French.": "[math_tools.factorial(n=1)]",  # wrong: a call where none fits
+    # Java and JavaScript: decoded and checked in their own syntax.
+    "Create the GIS presentation with controller mapController in the composite mapArea.": "[GeometryPresentation.createPresentation(controller=mapController, parent=mapArea)]",  # correct
+    "Validate the form field userInputField now that typing is finished.": "[validateUserInput(inputField='userInputField', isComplete=true)]",  # correct
+    # Live categories.
+    "Details for user 7890, special request black.": "[get_user_info(user_id=7890, special='black')]",  # correct
+    "Details for user 42, please.": "[get_user_info(user_id='42')]",  # wrong type
+    "What is 5 factorial?": "[math_tools.factorial(n=5)]",  # correct
+    "Circle areas for radius 3 and radius 4.": "[geometry.circle_area(radius=3.0)]",  # wrong: one call of two
+    "3 factorial and the area of a circle of radius 6.": "[math_tools.factorial(n=3), geometry.circle_area(radius=6.0)]",  # correct
+    "What is the capital of Peru?": "I cannot answer that with these tools.",  # correct: no call
+    "I need the area of some circle, any will do.": "[geometry.circle_area(radius=1.0)]",  # correct: a call (relevance)
+    "Tell me about circles and their areas.": "Circles are round.",  # wrong: relevance wants a call
 }
-EXPECTED = {"simple": 1 / 2, "multiple": 1.0, "parallel": 1.0, "parallel_multiple": 1.0, "irrelevance": 1 / 2}
+EXPECTED = {
+    "simple_python": 1 / 2, "simple_java": 1.0, "simple_javascript": 1.0, "multiple": 1.0, "parallel": 1.0,
+    "parallel_multiple": 1.0, "irrelevance": 1 / 2, "live_simple": 1 / 2, "live_multiple": 1.0, "live_parallel": 0.0,
+    "live_parallel_multiple": 1.0, "live_irrelevance": 1.0, "live_relevance": 1 / 2,
+}
+# The leaderboard's columns (bfcl-eval's generate_leaderboard_csv), by hand:
+#   non-live = mean(simple = mean(1/2, 1, 1) = 5/6, multiple 1, parallel 1, parallel_multiple 1) = 23/24
+#   live = count-weighted: (2 * 1/2 + 1 * 1 + 1 * 0 + 1 * 1) / 5 = 3/5
+#   irrelevance = mean(1/2, 1) = 3/4; relevance = 1/2; overall = mean(non-live, live, irrelevance)
+AGGREGATES = {
+    "bfcl/non_live/acc": 23 / 24,
+    "bfcl/live/acc": 3 / 5,
+    "bfcl/hallucination/irrelevance_acc": 3 / 4,
+    "bfcl/hallucination/relevance_acc": 1 / 2,
+    "bfcl/overall/acc": (23 / 24 + 3 / 5 + 3 / 4) / 3,
+    "bfcl/core5/acc": (1 / 2 + 1 + 1 + 1 + 1 / 2) / 5,  # simple, multiple, parallel, parallel_multiple, irrelevance
+    "bfcl/overall/acc_micro": 12 / 17,  # 17 entries, 12 right
+}
 
 
 class StubGenerator(torch.nn.Module):
@@ -55,11 +84,24 @@ def test_bfcl_slice_scores_correct_calls_and_rejects_wrong_ones(chat_tokenizer):
     got = run_task_eval(stub, chat_tokenizer, cfg)
     for category, acc in EXPECTED.items():
         assert got[f"bfcl/{category}/acc"] == pytest.approx(acc), category
-    assert got["bfcl/overall/acc"] == pytest.approx(sum(EXPECTED.values()) / 5)
+    for key, value in AGGREGATES.items():
+        assert got[key] == pytest.approx(value), key
+    # The prompt is BFCL's own: its function-calling system prompt listing the functions, with its language hint.
+    assert len(stub.prompts) == 17
+    assert all("[func_name1(params_name1=params_value1" in p for p in stub.prompts)
+    assert sum("Python 3 syntax" in p for p in stub.prompts) == 15  # all but the Java and JavaScript entries
+
+
+def test_a_subset_of_categories_aggregates_what_ran(chat_tokenizer):
+    cfg = OmegaConf.load("conf/task/toolace.yaml").eval
+    cfg.data_dir, cfg.categories = SLICE, ["simple", "multiple", "parallel", "parallel_multiple", "irrelevance"]
+    got = run_task_eval(StubGenerator(chat_tokenizer), chat_tokenizer, cfg)
+    assert got["bfcl/simple/acc"] == pytest.approx(1 / 2)
+    assert got["bfcl/core5/acc"] == pytest.approx(4 / 5)
+    # non-live over what ran: mean(simple 1/2, 1, 1, 1) = 7/8; irrelevance 1/2; no live column.
+    assert got["bfcl/non_live/acc"] == pytest.approx(7 / 8) and "bfcl/live/acc" not in got
+    assert got["bfcl/overall/acc"] == pytest.approx((7 / 8 + 1 / 2) / 2)
     assert got["bfcl/overall/acc_micro"] == pytest.approx(5 / 7)
-    # The prompt is BFCL's own: its function-calling system prompt listing the functions, with its Python hint.
-    assert len(stub.prompts) == 7
-    assert all("[func_name1(params_name1=params_value1" in p and "Python 3 syntax" in p for p in stub.prompts)
 
 
 def test_checker_verdicts_on_single_responses():

@@ -30,10 +30,11 @@ def log2(x):
     return math.log(x, 2)
 
 
-# Hand-computed per query (torchmetrics definitions: AP@k averages precision at the relevant hits in
-# the top k; P@k divides by k; NDCG uses linear gains with 1/log2(rank+1) discounts).
+# Hand-computed per query (BEIR's = trec_eval's definitions: AP@k sums the precision at the relevant hits
+# in the top k and divides by ALL the query's relevant documents; P@k divides by k; NDCG uses linear gains
+# with 1/log2(rank+1) discounts). q2's map@1 is 1/2 (one hit over 2 relevant docs; torchmetrics said 1).
 EXPECTED_PER_QUERY = {
-    "map@1": [0, 1, 0],
+    "map@1": [0, 1 / 2, 0],
     "recall@1": [0, 1 / 2, 0],
     "ndcg@1": [0, 1, 0],
     "p@1": [0, 1, 0],
@@ -131,8 +132,7 @@ def test_candidate_choices():
     judged = load_beir(path=BEIR, candidates="judged", num_negatives=2, seed=1)
     for q, docs in judged.candidates.items():
         assert set(judged.qrels[q]) <= set(docs) and len(docs) == len(judged.qrels[q]) + 2
-    assert load_beir(path=BEIR, max_queries=2).queries.keys() <= {"q1", "q2", "q3"}
-    assert len(load_beir(path=BEIR, max_queries=2).queries) == 2
+    assert list(load_beir(path=BEIR, max_queries=2).queries) == ["q1", "q2"]  # the first 2 by id
 
 
 def test_run_file_candidates_keep_the_top_n(tmp_path):

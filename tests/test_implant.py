@@ -24,7 +24,6 @@ from tests.ddp_implant_worker import MODES, POSITIONS, VOCAB, TinyCausalLM, make
 from loki.arch import down_projs
 from loki.errors import LokiError
 from loki.implant import (
-    LokiCallback,
     LokiDownProj,
     attach_optimizer,
     export_model,
@@ -32,6 +31,7 @@ from loki.implant import (
     merge,
     row_mask,
 )
+from loki.lightning import LokiCallback
 from loki.positions import save_positions
 
 HIDDEN, INTER, LAYERS = 32, 64, 2

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from loki.errors import LokiError
-from loki.select import load_score_chunks, main, select_positions
+from loki.select import global_rows, load_score_chunks, main, select_positions
 
 # 3 samples x 2 layers x 5 rows; with q = 0.4, k = floor(0.4 * 5) = 2 rows per layer.
 HAND = torch.tensor(
@@ -60,6 +60,41 @@ def test_global_highest_by_hand():
     assert select_positions(HAND, 0.4, strategy="global_highest") == [[], [1, 4, 3, 0]]
 
 
+def test_global_total_is_int_of_l_d_q_by_hand():
+    # q = 0.3: k = floor(0.3 * 5) = 1 per layer (L*k = 2), but the global strategies keep int(2 * 5 * 0.3) = 3.
+    # global_lowest, 3 lowest of the 10 flat scores per sample: {1, 6, 7}, {5, 8, 1}, {9, 7, 0} (zeros: index
+    # order). Counts 2: 1, 7 (sums -5, 6); then once: 0, 5, 6, 8, 9 with sums 0, 9, 17, 14, 15 -> 0.
+    assert select_positions(HAND, 0.3, strategy="global_lowest") == [[1, 0], [2]]
+    # global_highest, 3 highest: {8, 9, 4} (5s at 4 and 5: index order), {6, 7, 9}, {5, 6, 8}.
+    # Counts 2: 6, 8, 9 with sums 17, 14, 15 -> by higher mean 6, 9, 8; layer 0 gets nothing.
+    assert select_positions(HAND, 0.3, strategy="global_highest") == [[], [1, 4, 3]]
+    # The per-layer strategies keep k = 1 each.
+    assert [len(layer) for layer in select_positions(HAND, 0.3)] == [1, 1]
+
+
+def test_global_total_for_qwen_shape():
+    # Qwen2.5-0.5B: 24 layers x 896 rows. 24 * 896 * 0.1 = 2150.4 -> 2,150 (layer-balanced: 24 * 89 = 2,136).
+    assert global_rows(0.1, 24, 896) == 2150
+    assert global_rows(0.05, 24, 896) == 1075  # 1075.2 (layer-balanced 24 * 44 = 1,056)
+    assert global_rows(0.1, 32, 4096) == 13107  # Llama-3.1-8B: 13107.2
+    assert global_rows(0.3, 2, 5) == 3
+    assert global_rows(0.7, 1, 10) == 7  # 10 * 0.7 = 7.000000000000001 in floats
+    # 100 * 0.57 = 56.99999999999999 in floats: plain int() would say 56; rounded first (as rows_per_layer) 57.
+    assert global_rows(0.57, 1, 100) == 57
+    scores = torch.randn(2, 24, 896, generator=torch.Generator().manual_seed(0))
+    for strategy in ("global_lowest", "global_highest"):
+        assert sum(map(len, select_positions(scores, 0.1, strategy=strategy))) == 2150
+    assert sum(map(len, select_positions(scores, 0.1))) == 2136
+
+
+def test_global_needs_only_one_row_in_all_layers():
+    # q = 0.1 gives k = 0 per layer (error for layer_balanced) but int(10 * 0.1) = 1 row globally.
+    # Lowest per sample: flat 1 (-2), 5 (-5), 9 (-3), each once; sums -5, 9, 15 -> flat 1.
+    assert select_positions(HAND, 0.1, strategy="global_lowest") == [[1], []]
+    with pytest.raises(LokiError, match="selects no row of 10"):
+        select_positions(HAND, 0.05, strategy="global_lowest")
+
+
 def test_complete_ties_fall_back_to_index_order():
     assert select_positions(torch.zeros(4, 3, 10), 0.3) == [[0, 1, 2]] * 3
 
@@ -94,14 +129,14 @@ def test_matches_plain_reference_on_random_data(random_scores):
 @pytest.mark.parametrize("strategy", ["layer_balanced", "layer_balanced_highest", "global_lowest", "global_highest", "random"])
 @pytest.mark.parametrize("score", ["signed", "abs"])
 def test_counts_determinism_and_chunking(random_scores, strategy, score):
-    q = 0.15  # k = floor(0.15 * 30) = 4
+    q = 0.15  # k = floor(0.15 * 30) = 4; global: int(4 * 30 * 0.15) = 18
     whole = select_positions(random_scores, q, strategy=strategy, score=score)
     assert whole == select_positions(random_scores.clone(), q, strategy=strategy, score=score)
     chunked = select_positions(iter(random_scores.split(7)), q, strategy=strategy, score=score)
     assert chunked == whole
     assert all(len(set(layer)) == len(layer) and all(0 <= j < 30 for j in layer) for layer in whole)
     if strategy.startswith("global"):
-        assert sum(map(len, whole)) == 4 * 4
+        assert sum(map(len, whole)) == 18
     else:
         assert [len(layer) for layer in whole] == [4] * 4
 

@@ -17,11 +17,10 @@ from loki import study
 
 @pytest.mark.slow
 def test_ci_sized_study_shows_the_suppression_gap(tmp_path):
-    # The default toy, in the user's cache (built here on a fresh machine, about two minutes on one
-    # thread, then reused by `python train.py`). A smaller toy was tried and is too weak: its
-    # suppression results flip between q values.
+    # The default toy, in the test run's cache (LOKI_CACHE, set in conftest). A smaller toy was tried
+    # and is too weak: its suppression results flip between q values.
     out = tmp_path / "study"
-    study.main(["--out", str(out), "--seeds", "0", "--arms"])
+    study.run_study(out=out, seeds=[0], arms=[])
     result = json.loads((out / "study.json").read_text())
     table = result["table"]
     before = study._primary(result["suppression"][0]["before"], "/logprob")

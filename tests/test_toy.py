@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from loki.toy.build import ToySettings, build_dir, cache_dir_of, ensure_built, ensure_world, load_toy_model, weights_sha256
-from loki.toy.world import RELATIONS, RERANK_SYSTEM_PROMPT, generate_world, write_world
+from loki.toy.world import RELATIONS, generate_world, write_world
 
 # A toy small enough to build in a few seconds: checks determinism and plumbing, not quality.
 MICRO = dict(
@@ -64,7 +64,11 @@ def test_reranker_rows_follow_the_lb_chat_schema(tmp_path):
     for row in rows:
         system, user, reply = row["conversations"]
         assert (system["from"], user["from"], reply["from"]) == ("system", "human", "gpt")
-        assert system["value"] == RERANK_SYSTEM_PROMPT
+        # The LB reranker data's own system prompt, written out here: the toy must train on the real one.
+        assert system["value"] == (
+            "Given a query and a piece of text, output a score of 1-7 based on how related the query is to the "
+            "text. 1 means least related and 7 is most related."
+        )
         assert re.fullmatch(r"<<<Query>>>\n[^\n]+\n\n<<<Context>>>\n[^\n]+", user["value"])
         assert re.fullmatch(r"[1-7]", reply["value"])
         scores.add(reply["value"])

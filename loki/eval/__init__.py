@@ -3,8 +3,11 @@
 - `run_task_eval(model, tokenizer, task_eval_cfg, stage="test")`: the task metric (`cfg.task.eval`):
   `kind: reranker` -> BEIR ranking metrics (`map@1`, `recall@1`, `ndcg@1`, `p@1`, ... @10);
   `kind: bfcl` -> `bfcl/<category>/acc`, `bfcl/overall/acc`.
-- `run_retention(model, tokenizer, retention_cfg)`: `cfg.eval` -> `retention/<benchmark>/<measure>`.
-- `forgetting_report(before, after)`: the paper's forgetting score and per-benchmark deltas.
+- `run_retention(model, tokenizer, retention_cfg, reference_dir=None, stage=None)`: `cfg.eval` ->
+  `retention/<benchmark>/<measure>`; `stage="before"` stores the base model's distributions for the `kl`
+  benchmarks under `reference_dir`, `stage="after"` compares against them (loki.eval.retention).
+- `check_disjoint(attribution_data, retention_cfg)`: LokiError when retention would read attribution rows.
+- `forgetting_report(before, after)`: the paper's forgetting score, per-benchmark deltas, KL and LM loss.
 - `format_report(metrics)`: a short printable table of a run's metrics.json dict.
 - `TaskMetricCallback(task_eval_cfg)`: the task metric on the validation split, logged as `val/<metric>`.
 """
@@ -19,13 +22,15 @@ import lightning.pytorch as pl
 
 from loki.errors import LokiError
 from loki.eval.forgetting import forgetting_report, forgetting_score
-from loki.eval.retention import run_retention
+from loki.eval.retention import check_disjoint, reference_ready, run_retention
 
 __all__ = [
     "TaskMetricCallback",
+    "check_disjoint",
     "format_report",
     "forgetting_report",
     "forgetting_score",
+    "reference_ready",
     "run_retention",
     "run_task_eval",
 ]
@@ -122,4 +127,10 @@ def format_report(metrics: Mapping[str, Any]) -> str:
             f"forgetting (paper's Avg over {forgetting.get('n')} benchmark(s), {forgetting.get('measure')}): "
             f"{_fmt(forgetting.get('avg'))} %  (positive = ability lost)"
         )
+        for bench, kl in (forgetting.get("kl") or {}).items():
+            lines.append(f"  KL(base || tuned) on {bench}: {_fmt(kl)} nats")
+        for bench, row in (forgetting.get("lm_loss") or {}).items():
+            lines.append(
+                f"  LM loss on {bench}: {_fmt(row['before'])} -> {_fmt(row['after'])} nats/token ({row['delta']:+.4f})"
+            )
     return "\n".join(lines)

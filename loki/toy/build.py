@@ -34,7 +34,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2
 
 from loki.errors import LokiError
 from loki.tokenizer import build_chat_tokenizer
-from loki.toy.world import RERANK_SYSTEM_PROMPT, ToyWorld, generate_world, write_world
+from loki.prompts import RERANKER_SYSTEM_PROMPT
+from loki.toy.world import ToyWorld, generate_world, write_world
 
 BUILD_FORMAT = 4  # bump when the build procedure changes so old caches are not reused
 
@@ -151,7 +152,7 @@ def deterministic_torch(threads: int):
 
 def train_tokenizer(world: ToyWorld, vocab_size: int):
     # The tokenizer sees both domains and the chat scaffolding, so product words are not split to bytes.
-    texts = world.statements + world.product_texts + [q for q, _ in world.qa_pairs()] + [RERANK_SYSTEM_PROMPT]
+    texts = world.statements + world.product_texts + [q for q, _ in world.qa_pairs()] + [RERANKER_SYSTEM_PROMPT]
     texts += [turn["value"] for row in world.rerank_train[:200] for turn in row["conversations"]]
     return build_chat_tokenizer(texts, vocab_size=vocab_size)
 

@@ -29,6 +29,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loki.prompts import RERANKER_SYSTEM_PROMPT
+
 # The relations of the knowledge base: name -> (value set, statement paraphrases, benchmark question).
 # Capitals are invented per land (value set filled at generation); the others share small word sets.
 RELATIONS: dict[str, dict] = {
@@ -112,12 +114,6 @@ QUERY_TEMPLATES = [
     "{c} {f} {a}",
 ]
 
-# The system prompt of the LB reranker data (lightblue/reranker_continuous_filt_max7_train).
-RERANK_SYSTEM_PROMPT = (
-    "Given a query and a piece of text, output a score of 1-7 based on how related the query is to the "
-    "text. 1 means least related and 7 is most related."
-)
-
 # Name syllables: lands use soft sounds, product brands hard ones, so the two domains look different.
 _LAND_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "r", "s", "t", "v", "z", "th", "sh"]
 _LAND_VOWELS = ["a", "e", "i", "o", "u", "ae", "ia"]
@@ -186,7 +182,7 @@ def rerank_user_turn(query: str, text: str) -> str:
 def rerank_conversation(query: str, text: str, score: int) -> dict:
     return {
         "conversations": [
-            {"from": "system", "value": RERANK_SYSTEM_PROMPT},
+            {"from": "system", "value": RERANKER_SYSTEM_PROMPT},
             {"from": "human", "value": rerank_user_turn(query, text)},
             {"from": "gpt", "value": str(score)},
         ]

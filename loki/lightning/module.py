@@ -1,4 +1,4 @@
-"""LightningModules: fine-tuning a causal LM (this file) and the attribution predict loop (loki.attribution).
+"""The fine-tuning LightningModule (the attribution predict loop is `loki.lightning.kva.KVAModule`).
 
 The fine-tuning module is deliberately plain: the HF model lives at `self.model` (where LokiCallback
 finds it), the loss is the model's own causal-LM loss over `labels` (-100 = ignored), and the optimizer
@@ -16,9 +16,16 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from loki.errors import LokiError
+
+
+LR_SCHEDULES = ("cosine", "linear", "constant")
+
 
 def warmup_decay_lambda(warmup_steps: int, total_steps: int, kind: str = "cosine", min_ratio: float = 0.0) -> Callable[[int], float]:
     """LR multiplier: linear warm-up to 1, then cosine or linear decay to `min_ratio`, or constant."""
+    if kind not in LR_SCHEDULES:  # checked now, not when warm-up ends
+        raise LokiError(f"lr_schedule.kind must be one of {', '.join(LR_SCHEDULES)}, got {kind!r}.")
 
     def factor(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
@@ -29,10 +36,8 @@ def warmup_decay_lambda(warmup_steps: int, total_steps: int, kind: str = "cosine
         progress = min(1.0, (step - warmup_steps) / span)
         if kind == "linear":
             decay = 1.0 - progress
-        elif kind == "cosine":
+        else:  # cosine
             decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-        else:
-            raise ValueError(f"unknown lr schedule {kind!r}: use cosine, linear or constant")
         return min_ratio + (1.0 - min_ratio) * decay
 
     return factor
@@ -51,6 +56,7 @@ class CausalLMModule(pl.LightningModule):
         self.model = model
         self.optimizer_factory = optimizer  # a partial from hydra (`_partial_: true`): takes the params
         self.lr_schedule = dict(lr_schedule or {"kind": "constant", "warmup_ratio": 0.0})
+        warmup_decay_lambda(0, 1, self.lr_schedule.get("kind", "constant"))  # a bad kind fails at construction
 
     def on_train_start(self) -> None:
         # from_pretrained returns eval mode and Lightning keeps module modes: training needs train mode

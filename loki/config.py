@@ -1,0 +1,192 @@
+"""One config contract, checked once, before any data or model is loaded.
+
+Every user-facing value of `train.py` and `attribute.py` is checked here. A bad value stops the run with
+one sentence that names the key, what was given and what is allowed (a `LokiError`; the entry points
+print it and exit with status 2). The checks read the allowed values from the modules that use them, so
+the two never disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from loki.errors import LokiError
+
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _Checker:
+    """Reads dotted keys from a resolved config and raises one sentence per bad value."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    def get(self, key: str) -> Any:
+        try:
+            value = OmegaConf.select(self.cfg, key, throw_on_missing=True)
+        except Exception as err:  # an interpolation that cannot resolve, a missing mandatory value
+            raise LokiError(f"{key} could not be read from the config ({err}).") from None
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+    def fail(self, key: str, allowed: str, value: Any) -> None:
+        raise LokiError(f"{key} must be {allowed}, got {value!r}.")
+
+    def one_of(self, key: str, choices: Sequence[Any], optional: bool = False) -> Any:
+        value = self.get(key)
+        if (value is None and optional) or value in choices:
+            return value
+        self.fail(key, "one of " + ", ".join(map(str, choices)) + (" (or null)" if optional else ""), value)
+
+    def boolean(self, key: str) -> bool:
+        value = self.get(key)
+        if not isinstance(value, bool):
+            self.fail(key, "true or false", value)
+        return value
+
+    def integer(self, key: str, low: int | None = None, optional: bool = False) -> int | None:
+        value = self.get(key)
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+            allowed = "an integer" + (f" >= {low}" if low is not None else "") + (" (or null)" if optional else "")
+            self.fail(key, allowed, value)
+        return value
+
+    def number(self, key: str, low: float, high: float, low_open: bool = False, high_open: bool = False, optional: bool = False) -> float | None:
+        value = self.get(key)
+        if value is None and optional:
+            return None
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        if not ok:
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            self.fail(key, f"a number in {interval}" + (" (or null)" if optional else ""), value)
+        return value
+
+    def positive(self, key: str) -> float:
+        value = self.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            self.fail(key, "a positive number", value)
+        return value
+
+    def string_list(self, key: str) -> None:
+        value = self.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            self.fail(key, "a list of names (or null)", value)
+
+    def run(self, checks: Sequence[Callable[[], Any]]) -> None:
+        for check in checks:
+            check()
+
+
+def _check_model(c: _Checker) -> None:
+    from loki import models
+
+    sources = getattr(models, "SOURCES", ("pretrained", "random", "toy", "gguf"))
+    name = c.get("model.name")
+    if not isinstance(name, str) or not name.strip():
+        c.fail("model.name", "a non-empty name (it keys the score store and the retention cache)", name)
+    c.one_of("model.source", sources)
+    c.one_of("model.dtype", MODEL_DTYPES, optional=True)
+
+
+def _check_kva_and_data(c: _Checker) -> None:
+    import loki.kva
+    from loki.attribution import PROMPT_STYLES, TARGET_MODES
+    from loki.kva import OBJECTIVES, SCOPES
+
+    c.one_of("kva.recipe", getattr(loki.kva, "RECIPES", ("paper",)))
+    c.integer("kva.steps", low=1)
+    c.one_of("kva.scope", SCOPES, optional=True)
+    c.one_of("kva.objective", OBJECTIVES)
+    if c.get("kva.times_activation") is not None:
+        c.boolean("kva.times_activation")
+    c.one_of("kva.target", TARGET_MODES)
+    c.integer("kva.batch_size", low=1)
+    c.number("kva.heatmap_q", 0, 1, low_open=True, high_open=True, optional=True)
+    from loki.attribution import check_kva_settings
+
+    check_kva_settings(c.get("kva"))  # the recipe's fixed scope / activation factor
+    c.one_of("data.prompt", PROMPT_STYLES)
+    c.string_list("data.subjects")
+    c.integer("data.offset", low=0)
+    c.integer("data.per_subject", low=1, optional=True)
+    c.integer("data.max_samples", low=1, optional=True)
+    c.integer("data.seed")
+    path = c.get("data.path")
+    if path is not None:
+        from loki.data.chat import resolve_path
+
+        if not resolve_path(path).exists():
+            c.fail("data.path", "an existing file or directory in the MMLU schema (or null for data.source)", path)
+    elif not c.get("data.source"):
+        c.fail("data.source", "a dataset name when data.path is null", c.get("data.source"))
+
+
+def check_attribute_config(cfg: DictConfig) -> None:
+    """Every value `attribute.py` reads, checked before any data or model is loaded."""
+    c = _Checker(cfg)
+    _check_model(c)
+    _check_kva_and_data(c)
+    c.boolean("progress")
+    out_dir = c.get("out_dir")
+    if not isinstance(out_dir, str) or not out_dir:
+        c.fail("out_dir", "auto or a directory", out_dir)
+    if isinstance(c.get("trainer.devices"), int):  # else "auto" or a device list: Lightning checks those
+        c.integer("trainer.devices", low=1)
+    c.integer("trainer.num_nodes", low=1)
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Every value `train.py` reads, checked before any data or model is loaded."""
+    from loki.implant import IMPLS
+    from loki.lightning.module import LR_SCHEDULES
+    from loki.select import SCORE_MODES, STRATEGIES
+
+    c = _Checker(cfg)
+    _check_model(c)
+    c.integer("seed")
+    c.boolean("loki.enabled")
+    c.integer("lora.rank", low=0)
+    c.number("lora.dropout", 0, 1, high_open=True)
+    alpha = c.get("lora.alpha")
+    if alpha is not None:
+        c.positive("lora.alpha")
+    c.one_of("lr_schedule.kind", LR_SCHEDULES)
+    c.number("lr_schedule.warmup_ratio", 0, 1, high_open=True)
+    c.number("lr_schedule.min_ratio", 0, 1)
+    c.positive("optimizer.lr")
+    for key in ("evaluate.retention", "evaluate.task", "evaluate.validation_task_metric", "export"):
+        c.boolean(key)
+    ckpt = c.get("ckpt_path")
+    if ckpt is not None and not Path(str(ckpt)).expanduser().is_file():
+        c.fail("ckpt_path", "an existing checkpoint file (or null)", ckpt)
+    if not c.get("loki.enabled"):
+        return
+    c.one_of("loki.impl", IMPLS)
+    c.one_of("loki.strategy", STRATEGIES)
+    c.one_of("loki.score", SCORE_MODES)
+    c.integer("loki.seed")
+    positions, q = c.get("loki.positions"), c.get("loki.q")
+    if positions is None or positions == "published":
+        # selection (and the published files, which are per q) need q
+        c.number("loki.q", 0, 1, low_open=True, high_open=True)
+    else:
+        c.number("loki.q", 0, 1, low_open=True, high_open=True, optional=True)
+        if not isinstance(positions, str) or not Path(positions).expanduser().is_file():
+            c.fail("loki.positions", "null, published, or an existing positions JSON file", positions)
+    if positions is None:
+        scores = c.get("loki.scores")
+        if scores != "auto":
+            from loki.store import ScoreStore
+
+            if not isinstance(scores, str) or not ScoreStore.exists(Path(scores).expanduser()):
+                c.fail("loki.scores", "auto or the directory of a finished attribution store", scores)
+        c.boolean("loki.analyse_if_missing")
+        _check_kva_and_data(c)  # read only when selecting from scores
+    # lora.rank > k needs the model's width: LokiCallback checks it right after the model is loaded.

@@ -1,0 +1,42 @@
+"""Implanting: train only the selected rows of every layer's `down_proj.weight`; keep the rest bit-identical.
+
+One method, one place, in three parts (like PEFT's tuner folders):
+- `layer.py`: `LokiDownProj`, the trainable `[k, F]` rows or LoRA on them, and `row_mask`;
+- `guard.py`: the gradient row mask and the optimizer guard that keeps weight decay off frozen rows;
+- `model.py`: `install`, `attach_optimizer`, `merge`, `export_model` and the checks.
+
+Plain torch: importing this package loads no Lightning, Hydra or OmegaConf. The Lightning callback is
+`loki.lightning.LokiCallback`. The method is described in docs/method.md.
+"""
+
+from loki.implant.guard import RowGuard, mask_gradient
+from loki.implant.layer import LokiDownProj, row_mask
+from loki.implant.model import (
+    IMPLS,
+    LokiHandle,
+    attach_optimizer,
+    check_optimizer_holds,
+    check_options,
+    check_positions,
+    export_model,
+    install,
+    merge,
+    positions_digest,
+)
+
+__all__ = [
+    "IMPLS",
+    "LokiDownProj",
+    "LokiHandle",
+    "RowGuard",
+    "attach_optimizer",
+    "check_optimizer_holds",
+    "check_options",
+    "check_positions",
+    "export_model",
+    "install",
+    "mask_gradient",
+    "merge",
+    "positions_digest",
+    "row_mask",
+]

@@ -1,0 +1,175 @@
+"""The attribution stage as a Lightning predict loop: KVA over MMLU prompts, streamed to a resumable store.
+
+- `KVAModule`: a frozen HF model whose `predict_step` runs `loki.kva.attribute` (with gradients).
+- `ScoreWriter`: each rank streams its batches to its own shard files; rank 0 marks the store complete.
+- `run_attribution`: the whole stage (checks, resume, predict, heatmap); `attribute.py` calls it, and so
+  does `train.py` when `loki.scores=auto` finds no store for its settings.
+The store format is `loki.store`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader
+
+from loki import arch
+from loki.attribution import PadCollate, build_prompts, check_kva_settings, check_prompts, context_length, prompt_format
+from loki.device import global_rank, pad_token_id
+from loki.errors import LokiError
+from loki.kva import attribute
+from loki.lightning.progress import SamplesProgressBar
+from loki.store import HEATMAP_FILE, ScoreStore, id_sort_key, mark_complete, prepare_store, store_meta, stored_ids, write_shard
+
+log = logging.getLogger(__name__)
+
+# The keyword arguments of loki.kva.attribute that a stage's `kva` settings carry.
+ATTRIBUTE_KWARGS = ("recipe", "steps", "scope", "objective", "times_activation")
+
+
+class KVAModule(pl.LightningModule):
+    """A frozen causal LM whose predict step returns KVA scores [B, L, D] for a batch of prompts.
+
+    Needs `Trainer(inference_mode=False)`: attribution takes gradients with respect to activations.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        steps: int = 7,
+        scope: str | None = None,
+        objective: str = "prob",
+        times_activation: bool | None = None,
+        recipe: str = "paper",
+    ):
+        super().__init__()
+        self.model = model.eval()
+        self.model.requires_grad_(False)  # only activations need gradients, never weights
+        # None: the recipe's own scope / activation factor (loki.kva.resolve_recipe)
+        self.kva_settings = {"recipe": recipe, "steps": int(steps), "scope": scope, "objective": objective, "times_activation": times_activation}
+
+    def predict_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> dict:
+        if torch.is_inference_mode_enabled():
+            raise LokiError("KVA needs gradients: build the Trainer with inference_mode=False.")
+        with torch.enable_grad():
+            scores = attribute(self.model, batch["input_ids"], batch["attention_mask"], targets=batch.get("targets"), **self.kva_settings)
+        finite = torch.isfinite(scores).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            bad = batch["ids"][int((~finite).nonzero()[0])]
+            raise LokiError(f"the attribution of sample '{bad}' is NaN or infinite; check the model's weights and dtype.")
+        return {"ids": list(batch["ids"]), "scores": scores.detach().float().cpu()}
+
+
+class ScoreWriter(BasePredictionWriter):
+    """Streams each rank's batches to its own shard files; at the end rank 0 checks and marks the store complete."""
+
+    def __init__(self, out_dir: str | Path, expected_ids: Iterable[str] = ()):
+        super().__init__(write_interval="batch")
+        self.out_dir = Path(out_dir)
+        self.expected_ids = set(expected_ids)
+        # A fresh session per process and launch: a resumed run never overwrites an earlier run's shards.
+        self.session = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}"
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        name = f"rank{trainer.global_rank:04d}-{self.session}-{dataloader_idx}-{batch_idx:06d}"
+        write_shard(self.out_dir, name, prediction["ids"], prediction["scores"])
+
+    def on_predict_end(self, trainer, pl_module):
+        trainer.strategy.barrier("kva-shards-written")  # every rank's shards are on disk before rank 0 checks
+        if trainer.is_global_zero:
+            mark_complete(self.out_dir, self.expected_ids)
+        trainer.strategy.barrier("kva-store-complete")
+
+
+def run_attribution(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: Sequence[dict],
+    *,
+    out_dir: str | Path,
+    model_name: str,
+    kva: dict,
+    data: dict,
+    batch_size: int = 8,
+    trainer_kwargs: dict | None = None,
+    logger: Any = None,
+    callbacks: Sequence[pl.Callback] = (),
+    heatmap_q: float | None = 0.05,
+    progress: bool = True,
+) -> ScoreStore | None:
+    """Score `rows` into the store at `out_dir`, skipping samples already there; returns the store on rank 0.
+
+    `kva`: recipe, steps, scope, objective, times_activation, target; `data`: how the rows were chosen
+    (recorded in the store's meta).
+    """
+    kva = check_kva_settings(kva)
+    if int(batch_size) < 1:
+        raise LokiError(f"kva.batch_size must be a positive integer, got {batch_size!r}.")
+    arch.dims(model)  # an unsupported architecture stops here
+    style = data.get("prompt") or "letter"
+    prompts = build_prompts(rows, tokenizer, kva["target"], data.get("system_prompt"), style)
+    check_prompts(prompts, context_length(model))
+    rank = global_rank()
+    meta = store_meta(model, tokenizer, model_name, kva, data, prompt_format(style))
+    out_dir = prepare_store(out_dir, meta, write=rank == 0)
+    expected = [p["id"] for p in prompts]
+    done = stored_ids(out_dir)
+    # Longest first: the slowest batches show up early in the ETA; similar lengths share a batch (less padding).
+    remaining = sorted((p for p in prompts if p["id"] not in done), key=lambda p: (-len(p["input_ids"]), id_sort_key(p["id"])))
+    if done:
+        log.info("Resuming %s: %d of %d samples already scored.", out_dir, len(expected) - len(remaining), len(expected))
+
+    if remaining:
+        loader = DataLoader(
+            remaining, batch_size=int(batch_size), shuffle=False, collate_fn=PadCollate(pad_token_id(tokenizer), kva["target"] == "gold")
+        )
+        kwargs = dict(trainer_kwargs or {})
+        kwargs.update(
+            inference_mode=False,  # gradients in predict_step
+            logger=logger if logger is not None else False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=False,  # SamplesProgressBar instead: counted in samples, not batches
+            default_root_dir=str(out_dir),  # never the working directory
+            callbacks=[ScoreWriter(out_dir, expected), *([SamplesProgressBar(len(remaining))] if progress else []), *callbacks],
+        )
+        trainer = pl.Trainer(**kwargs)
+        # KVAModule freezes the model; hand it back as it came (train.py fine-tunes it next).
+        flags, was_training = [(p, p.requires_grad) for p in model.parameters()], model.training
+        try:
+            module = KVAModule(model, **{k: kva[k] for k in ATTRIBUTE_KWARGS if kva.get(k) is not None})
+            trainer.predict(module, dataloaders=loader, return_predictions=False)
+        finally:
+            for parameter, flag in flags:
+                parameter.requires_grad_(flag)
+            model.train(was_training)
+        if not trainer.is_global_zero:
+            return None
+    elif rank != 0:
+        return None
+    elif not ScoreStore.exists(out_dir):
+        mark_complete(out_dir, expected)  # a run killed after its last shard but before marking completion
+
+    store = ScoreStore(out_dir)
+    if heatmap_q:
+        from loki.plots import log_figure, selection_heatmap
+
+        try:
+            fig = selection_heatmap(store, float(heatmap_q), out_dir / HEATMAP_FILE)
+        except LokiError as err:  # e.g. q*D < 1 on a tiny model: the scores are fine, only the picture is skipped
+            log.warning("No heatmap: %s", err)
+        else:
+            if logger is not None:
+                log_figure(logger, fig, out_dir / HEATMAP_FILE)
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+    return store
