@@ -163,6 +163,13 @@ def check_train_config(cfg: DictConfig) -> None:
     c.positive("optimizer.lr")
     for key in ("evaluate.retention", "evaluate.task", "evaluate.validation_task_metric", "export"):
         c.boolean(key)
+    if c.get("evaluate.retention"):
+        from loki.eval import check_disjoint
+        from loki.eval.lm_harness import require_lm_eval
+
+        # Retention is never measured on the prompts the attribution stage reads.
+        check_disjoint(c.get("data"), c.get("eval"))
+        require_lm_eval(c.get("eval").get("lm_eval"))
     ckpt = c.get("ckpt_path")
     if ckpt is not None and not Path(str(ckpt)).expanduser().is_file():
         c.fail("ckpt_path", "an existing checkpoint file (or null)", ckpt)
@@ -172,7 +179,7 @@ def check_train_config(cfg: DictConfig) -> None:
     c.one_of("loki.strategy", STRATEGIES)
     c.one_of("loki.score", SCORE_MODES)
     c.integer("loki.seed")
-    positions, q = c.get("loki.positions"), c.get("loki.q")
+    positions = c.get("loki.positions")
     if positions is None or positions == "published":
         # selection (and the published files, which are per q) need q
         c.number("loki.q", 0, 1, low_open=True, high_open=True)

@@ -52,7 +52,17 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | dict | None = None,
     if task_eval is not None:
         metrics["task_metrics"] = run_task_eval(model, tokenizer, task_eval)
     if retention_cfg is not None and retention_cfg.get("benchmarks"):
-        after = run_retention(model, tokenizer, retention_cfg)
+        # The base model's distributions (for the KL measures) sit beside train.py's retention cache, keyed
+        # by the run's model and eval settings; without them the KL measures are skipped with a warning.
+        from loki.eval import reference_ready
+        from loki.recipe import _retention_cache_path
+
+        try:
+            reference = _retention_cache_path(cfg).with_suffix("")
+        except Exception:  # a saved config without paths/model (older runs): no reference to compare with
+            reference = None
+        stage = "after" if reference is not None and reference_ready(retention_cfg, reference) else None
+        after = run_retention(model, tokenizer, retention_cfg, reference_dir=reference, stage=stage)
         before = (metrics.get("retention") or {}).get("before")
         metrics["retention"] = {"before": before, "after": after}
         if before:

@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from loki.arch import decoder_layers, down_projs
+from loki.arch import decoder_layers
 from loki.errors import LokiError
 
 SCOPES = ("target", "sequence")

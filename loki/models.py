@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from loki.errors import LokiError
+from loki.files import exclusive_lock
 from loki.tokenizer import build_chat_tokenizer
 
 log = logging.getLogger(__name__)
@@ -139,20 +139,6 @@ def gguf_cache_dir(cfg: Any) -> Path:
     return _cache_root(cfg) / "models" / Path(str(_cfg_get(cfg, "gguf_file"))).stem
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path):
-    """An exclusive file lock, so parallel processes (DDP ranks, test workers) convert once."""
-    import fcntl
-
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _cached_identity(folder: Path) -> dict | None:
     try:
         return json.loads((folder / _GGUF_MANIFEST).read_text()).get("source")
@@ -215,7 +201,7 @@ def ensure_gguf_checkpoint(cfg: Any) -> Path:
         if _cached_identity(folder) == identity:
             return folder
     gguf_path, identity = gguf_source(cfg)
-    with _exclusive(folder.parent / f".{folder.name}.lock"):
+    with exclusive_lock(folder.parent / f".{folder.name}.lock"):
         if _cached_identity(folder) != identity:  # another process may have converted it meanwhile
             convert_gguf(gguf_path, identity, folder, _gguf_install_hint(cfg) if _cfg_get(cfg, "gguf_package") else None)
     return folder

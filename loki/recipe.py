@@ -250,18 +250,21 @@ def _retention_cache_path(cfg: DictConfig) -> Path:
 
 
 def evaluate_retention(cfg: DictConfig, setup: Setup, stage: str) -> dict | None:
+    """Retention "before" (cached per model and settings, with the base model's next-token
+    distributions for the KL measures beside it) or "after" (compared with those distributions)."""
     if not cfg.evaluate.retention or not is_rank_zero():
         return None
-    from loki.eval import run_retention
+    from loki.eval import reference_ready, run_retention
 
+    cached = _retention_cache_path(cfg)
+    reference = cached.with_suffix("")  # <cache>/retention/<model>-<digest>/: the base model's distributions
     if stage == "before":
-        cached = _retention_cache_path(cfg)
-        if cached.exists():
+        if cached.exists() and reference_ready(cfg.eval, reference):
             return json.loads(cached.read_text())
-        result = run_retention(setup.model, setup.tokenizer, cfg.eval)
+        result = run_retention(setup.model, setup.tokenizer, cfg.eval, reference_dir=reference, stage="before")
         write_json(cached, result)
         return result
-    return run_retention(setup.model, setup.tokenizer, cfg.eval)
+    return run_retention(setup.model, setup.tokenizer, cfg.eval, reference_dir=reference, stage="after")
 
 
 def plain_model(module: CausalLMModule, setup: Setup) -> nn.Module:
@@ -290,9 +293,7 @@ def finish(cfg: DictConfig, setup: Setup, model: nn.Module, retention_before: di
     if cfg.evaluate.task and cfg.task.get("eval"):
         metrics["task_metrics"] = run_task_eval(model, setup.tokenizer, cfg.task.eval)
     if retention_before is not None:
-        from loki.eval import run_retention
-
-        retention_after = run_retention(model, setup.tokenizer, cfg.eval)
+        retention_after = evaluate_retention(cfg, setup, stage="after")
         metrics["retention"] = {"before": retention_before, "after": retention_after}
         metrics["forgetting"] = forgetting_report(retention_before, retention_after)
     if cfg.export:
@@ -302,6 +303,7 @@ def finish(cfg: DictConfig, setup: Setup, model: nn.Module, retention_before: di
         metrics["export_dir"] = str(setup.run_dir / "model")
     if setup.positions is not None:
         save_positions(setup.positions, setup.run_dir / "positions.json")
+    metrics["data"] = getattr(setup.datamodule, "stats", {})  # rows kept, skipped (and why), truncated
     metrics["seconds"] = round(time.time() - started, 1)
     write_json(setup.run_dir / "metrics.json", metrics)
     if trainer.logger is not None:

@@ -30,6 +30,7 @@ import torch
 
 from loki import arch
 from loki.errors import LokiError
+from loki.files import write_atomic
 
 FORMAT_VERSION = 2  # 2: settings-keyed directories, dtype-independent weight fingerprints, KVA recipe
 META_FILE, COMPLETE_FILE, SHARD_DIR, HEATMAP_FILE = "meta.json", "complete.json", "shards", "heatmap.png"
@@ -154,12 +155,6 @@ def _json_ready(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))  # tuples -> lists, paths -> str: compare as stored
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def prepare_store(out_dir: str | Path, meta: dict, write: bool = True) -> Path:
     """Create the store, or check that an existing one was made with the same settings and model."""
     out_dir = Path(out_dir)
@@ -168,7 +163,7 @@ def prepare_store(out_dir: str | Path, meta: dict, write: bool = True) -> Path:
         check_meta(out_dir, json.loads(meta_path.read_text()), meta)
     elif write:
         (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-        _write_atomic(meta_path, json.dumps(_json_ready(meta), indent=2, sort_keys=True).encode())
+        write_atomic(meta_path, json.dumps(_json_ready(meta), indent=2, sort_keys=True).encode())
     return out_dir
 
 
@@ -218,7 +213,7 @@ def mark_complete(out_dir: str | Path, expected_ids: Iterable[str]) -> None:
         "ids_sha256": _sha256("\n".join(store.ids()).encode()),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    _write_atomic(Path(out_dir) / COMPLETE_FILE, json.dumps(record, indent=2).encode())
+    write_atomic(Path(out_dir) / COMPLETE_FILE, json.dumps(record, indent=2).encode())
 
 
 class ScoreStore:

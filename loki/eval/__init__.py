@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 # Counts that describe the evaluation rather than measure the model: reported, not logged as val/.
-COUNT_KEYS = ("num_queries", "num_pairs")
+COUNT_KEYS = ("num_queries", "num_pairs", "candidates_judged_not_comparable")  # matched on the last key part
 
 
 def run_task_eval(model, tokenizer, task_eval_cfg: Mapping[str, Any], stage: str = "test") -> dict[str, float]:
@@ -85,7 +85,7 @@ class TaskMetricCallback(pl.Callback):
         model = getattr(pl_module, "model", pl_module)
         self.last = run_task_eval(model, self._tokenizer(trainer, pl_module), self.task_eval_cfg, stage="val")
         for key, value in self.last.items():
-            if key not in COUNT_KEYS:
+            if key.rsplit("/", 1)[-1] not in COUNT_KEYS:
                 pl_module.log(f"val/{key}", float(value), rank_zero_only=True, logger=True, prog_bar=False)
 
 

@@ -58,7 +58,6 @@ def _fit_prompt(tokenizer, query: str, text: str, max_length: int) -> list[int]:
     return ids[:max_length] if len(ids) > max_length else ids
 
 
-_model_device = model_device  # loki.eval.retention still imports this name
 
 
 @torch.no_grad()

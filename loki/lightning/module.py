@@ -67,7 +67,10 @@ class CausalLMModule(pl.LightningModule):
         return self.model(**batch)
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
+        # position_ids: packed rows restart positions at each example (loki.data.chat packing)
+        out = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"), labels=batch["labels"]
+        )
         return out.loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

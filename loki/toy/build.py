@@ -17,7 +17,6 @@ give the same weights sha256 (on the same torch build and CPU kind).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import math
@@ -34,6 +33,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2
 
 from loki.errors import LokiError
 from loki.tokenizer import build_chat_tokenizer
+from loki.device import pad_batch
+from loki.files import exclusive_lock, publish_dir
 from loki.prompts import RERANKER_SYSTEM_PROMPT
 from loki.toy.world import ToyWorld, generate_world, write_world
 
@@ -99,38 +100,19 @@ def world_of(settings: ToySettings) -> ToyWorld:
     return generate_world(seed=settings.seed, num_entities=settings.num_entities, num_rerank_train=settings.num_rerank_train, num_eval_queries=settings.num_eval_queries)
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive file lock, so parallel processes (DDP ranks, test workers) build a directory once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Move a finished temporary directory into place (atomic on one filesystem)."""
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
 def ensure_world(settings: ToySettings, cache_dir: str | Path) -> Path:
     """The world directory of these settings, generated and written if missing (takes well under a second)."""
     root = build_dir(settings, cache_dir)
     world_dir = root / "world"
     if (world_dir / "DONE").exists():
         return world_dir
-    with _locked(root.parent / f"{root.name}.world.lock"):
+    with exclusive_lock(root.parent / f"{root.name}.world.lock"):
         if not (world_dir / "DONE").exists():
             tmp = root / f"world.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             write_world(world_of(settings), tmp)
             (tmp / "DONE").write_text("")
-            _publish(tmp, world_dir)
+            publish_dir(tmp, world_dir)
     return world_dir
 
 
@@ -189,12 +171,7 @@ def new_model(settings: ToySettings, tokenizer) -> Qwen2ForCausalLM:
 
 
 def _batch(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
+    ids, mask = pad_batch(sequences, pad_id, side="right")
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
@@ -272,7 +249,7 @@ def build_toy(settings: ToySettings, cache_dir: str | Path, log_every: int = 0) 
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    _publish(tmp, root / "model")
+    publish_dir(tmp, root / "model")
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -283,7 +260,7 @@ def ensure_built(cfg: Any = None, log_every: int = 0) -> tuple[Path, dict]:
     root = build_dir(settings, cache_dir)
     manifest_path = root / "manifest.json"
     if not manifest_path.exists():
-        with _locked(root.parent / f"{root.name}.build.lock"):
+        with exclusive_lock(root.parent / f"{root.name}.build.lock"):
             if not manifest_path.exists():
                 build_toy(settings, cache_dir, log_every=log_every)
     ensure_world(settings, cache_dir)  # a cache from before the world files were split out, or files removed

@@ -1,0 +1,42 @@
+"""Writing files safely when several processes (DDP ranks, sweep jobs, test workers) share a cache:
+an exclusive lock, an atomic file write, and an atomic move of a finished directory into place."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: str | os.PathLike):
+    """Hold an exclusive advisory lock on `lock_path` (created if missing) for the `with` block."""
+    import fcntl
+
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to a temporary sibling, then rename: readers see the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Move a finished temporary directory into place (atomic on one filesystem), replacing an old one."""
+    final = Path(final)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
