@@ -93,6 +93,31 @@ def _check_model(c: _Checker) -> None:
         c.fail("model.name", "a non-empty name (it keys the score store and the retention cache)", name)
     c.one_of("model.source", sources)
     c.one_of("model.dtype", MODEL_DTYPES, optional=True)
+    # Memory and speed options (loki.models): absent keys mean off / the loader's default.
+    c.one_of("model.attn_implementation", getattr(models, "ATTN_IMPLEMENTATIONS", ("eager", "sdpa", "flash_attention_2")), optional=True)
+    for key in ("model.gradient_checkpointing", "model.compile"):
+        if c.get(key) is not None:
+            c.boolean(key)
+
+
+def sharded_strategy(strategy: Any) -> str | None:
+    """"fsdp" or "deepspeed" when a trainer.strategy value (a name or a `_target_` dict) shards the model."""
+    name = strategy.get("_target_", "") if isinstance(strategy, dict) else str(strategy or "")
+    lowered = name.lower()
+    if "fsdp" in lowered:
+        return "fsdp"
+    if "deepspeed" in lowered:
+        return "deepspeed"
+    return None
+
+
+def _check_sharded(c: _Checker) -> None:
+    sharded = sharded_strategy(c.get("trainer.strategy"))
+    if sharded and c.get("loki.enabled") and c.get("loki.impl") == "hook" and not c.get("lora.rank"):
+        raise LokiError(
+            f"loki.impl=hook cannot run with trainer.strategy={sharded} (its row-masking hooks and weight-decay guard "
+            "see flattened, sharded parameters and would silently train unselected rows); use loki.impl=rows."
+        )
 
 
 def _check_kva_and_data(c: _Checker) -> None:
@@ -164,11 +189,8 @@ def check_train_config(cfg: DictConfig) -> None:
     for key in ("evaluate.retention", "evaluate.task", "evaluate.validation_task_metric", "export"):
         c.boolean(key)
     if c.get("evaluate.retention"):
-        from loki.eval import check_disjoint
         from loki.eval.lm_harness import require_lm_eval
 
-        # Retention is never measured on the prompts the attribution stage reads.
-        check_disjoint(c.get("data"), c.get("eval"))
         require_lm_eval(c.get("eval").get("lm_eval"))
     ckpt = c.get("ckpt_path")
     if ckpt is not None and not Path(str(ckpt)).expanduser().is_file():
@@ -176,6 +198,7 @@ def check_train_config(cfg: DictConfig) -> None:
     if not c.get("loki.enabled"):
         return
     c.one_of("loki.impl", IMPLS)
+    _check_sharded(c)
     c.one_of("loki.strategy", STRATEGIES)
     c.one_of("loki.score", SCORE_MODES)
     c.integer("loki.seed")
@@ -196,4 +219,9 @@ def check_train_config(cfg: DictConfig) -> None:
                 c.fail("loki.scores", "auto or the directory of a finished attribution store", scores)
         c.boolean("loki.analyse_if_missing")
         _check_kva_and_data(c)  # read only when selecting from scores
+        if c.get("evaluate.retention"):
+            from loki.eval import check_disjoint
+
+            # Retention is never measured on the prompts the attribution stage reads.
+            check_disjoint(c.get("data"), c.get("eval"))
     # lora.rank > k needs the model's width: LokiCallback checks it right after the model is loaded.

@@ -9,6 +9,16 @@
   transformers once and cached as a plain safetensors checkpoint with its tokenizer under
   `<cache_dir>/models/<GGUF file stem>/`, so later loads take about a second. A `pretrained` set on a
   `gguf` config wins: it names the original checkpoint (hub id or local directory) to load instead.
+
+Memory and speed options, read from the same config (docs: conf/model/*.yaml):
+- `attn_implementation` (null | eager | sdpa | flash_attention_2): passed to the loader (set after loading
+  for the toy). The attribution stage's target-scope path needs an attention it can mask, so
+  `attention_for_attribution` switches a model to sdpa for the analysis and back.
+- `gradient_checkpointing` (bool): HF activation checkpointing with `use_reentrant=False`, plus
+  `enable_input_require_grads`, so a fully frozen model with a few trainable rows still gets gradients
+  through every checkpointed layer (`apply_memory_options`, called before training).
+- `compile` (bool): `nn.Module.compile` of the HF model for training (in place, so parameter names and
+  state dicts do not change); `uncompile` before evaluation, export and merging.
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ from loki.tokenizer import build_chat_tokenizer
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}
+SOURCES = ("pretrained", "random", "toy", "gguf")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 
 
 def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -40,6 +52,7 @@ def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
 def load_model_and_tokenizer(cfg: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     source = _cfg_get(cfg, "source", "pretrained")
     dtype = _DTYPES[_cfg_get(cfg, "dtype", "float32")]
+    attn = _attn_kwargs(cfg)
     if source == "random":
         config_fields = dict(_cfg_get(cfg, "config"))
         model_type = config_fields.pop("model_type", "qwen2")
@@ -50,16 +63,19 @@ def load_model_and_tokenizer(cfg: Any) -> tuple[PreTrainedModel, PreTrainedToken
         config.eos_token_id = tokenizer.eos_token_id
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(_cfg_get(cfg, "seed", 0)))
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32, **attn)
         return model, tokenizer
     if source == "toy":
         from loki.toy.build import load_toy_model  # imported lazily: only the toy needs it
 
-        return load_toy_model(cfg)
+        model, tokenizer = load_toy_model(cfg)
+        if attn:
+            model.set_attn_implementation(attn["attn_implementation"])
+        return model, tokenizer
     if source == "gguf" and not _cfg_get(cfg, "pretrained"):
-        model, tokenizer = _load_gguf(cfg, dtype)
+        model, tokenizer = _load_gguf(cfg, dtype, attn)
     elif source in ("pretrained", "gguf"):
-        model, tokenizer = _load_pretrained(_cfg_get(cfg, "pretrained"), dtype)
+        model, tokenizer = _load_pretrained(_cfg_get(cfg, "pretrained"), dtype, attn)
     else:
         raise LokiError(f"model.source must be 'pretrained', 'random', 'toy' or 'gguf', got {source!r}.")
     if tokenizer.pad_token is None:
@@ -67,10 +83,15 @@ def load_model_and_tokenizer(cfg: Any) -> tuple[PreTrainedModel, PreTrainedToken
     return model, tokenizer
 
 
-def _load_pretrained(name: Any, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _attn_kwargs(cfg: Any) -> dict:
+    impl = _cfg_get(cfg, "attn_implementation")
+    return {"attn_implementation": str(impl)} if impl else {}
+
+
+def _load_pretrained(name: Any, dtype: torch.dtype | None, attn: dict | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **(attn or {}))
     except OSError as err:
         raise LokiError(
             f"could not load model '{name}' (no hub access and no local copy: {str(err).splitlines()[0][:160]}); "
@@ -207,8 +228,109 @@ def ensure_gguf_checkpoint(cfg: Any) -> Path:
     return folder
 
 
-def _load_gguf(cfg: Any, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_gguf(cfg: Any, dtype: torch.dtype | None, attn: dict | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     folder = ensure_gguf_checkpoint(cfg)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, **(attn or {}))
     return model, tokenizer
+
+
+# --- memory and speed options ---------------------------------------------------------------------------
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """HF activation checkpointing of every decoder layer, non-reentrant, with inputs that require grad.
+
+    LoKI freezes every parameter before the first step, so the embeddings' output carries no gradient.
+    Non-reentrant checkpointing would cope, but `enable_input_require_grads` keeps the reentrant-style
+    contract too (and is what peft and HF trainers do for frozen bases): the cost is one flag on a tensor.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
+
+
+def disable_gradient_checkpointing(model: Any) -> None:
+    """Undo `enable_gradient_checkpointing` (before export: nothing of it is saved, but hooks would linger)."""
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    if not getattr(model, flag, False):
+        return
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+
+
+def apply_memory_options(model: Any, cfg: Any) -> dict:
+    """The model config's `gradient_checkpointing` applied to a loaded model; returns what was set."""
+    done = {"gradient_checkpointing": bool(_cfg_get(cfg, "gradient_checkpointing", False) or False)}
+    if done["gradient_checkpointing"]:
+        enable_gradient_checkpointing(model)
+    done["attn_implementation"] = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    done["compile"] = bool(_cfg_get(cfg, "compile", False) or False)
+    return done
+
+
+def compile_model(model: Any, **kwargs: Any) -> Any:
+    """torch.compile of `model`'s forward, in place (`nn.Module.compile`): names and state dicts unchanged."""
+    model.compile(**kwargs)
+    return model
+
+
+def uncompile(model: Any) -> Any:
+    """Back to eager execution after `compile_model` (evaluation shapes vary; export must not trace)."""
+    for module in model.modules() if hasattr(model, "modules") else ():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+    return model
+
+
+class attention_for_attribution:
+    """Context manager: the model on an attention the KVA target-scope path can mask (sdpa) while inside.
+
+    `needs_mask`: whether the KVA settings use that path (scope=target); otherwise nothing changes.
+    """
+
+    def __init__(self, model: Any, needs_mask: bool = True):
+        self.model, self.needs_mask, self.previous = model, needs_mask, None
+
+    def __enter__(self):
+        from loki.kva import _MASKED_ATTENTION_IMPLEMENTATIONS
+
+        current = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+        if self.needs_mask and current is not None and current not in _MASKED_ATTENTION_IMPLEMENTATIONS:
+            log.info("attribution: attention %s -> sdpa for the target-scope path (restored afterwards)", current)
+            self.previous = current
+            self.model.set_attn_implementation("sdpa")
+        return self.model
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            self.model.set_attn_implementation(self.previous)
+        return False
+
+
+def _decoder_layer(module: Any) -> bool:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return isinstance(module, GradientCheckpointingLayer)
+
+
+def fsdp_strategy(**kwargs: Any) -> Any:
+    """Lightning's FSDPStrategy wrapping each HF decoder layer as one unit (conf/trainer/fsdp.yaml).
+
+    `use_orig_params=True` (set by the config) lets a unit hold frozen weights beside LoKI's trainable
+    `[k, F]` rows; without it FSDP refuses flat parameters of mixed `requires_grad`.
+    """
+    import functools
+
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+    kwargs.setdefault("auto_wrap_policy", functools.partial(lambda_auto_wrap_policy, lambda_fn=_decoder_layer))
+    return FSDPStrategy(**kwargs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +17,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+import torch
 from torch import nn
 
 import loki.toy  # noqa: F401  registers the ${toy:...} resolver that toy configs use
 from loki import arch
 from loki.errors import LokiError
-from loki.models import load_model_and_tokenizer
+from loki.models import apply_memory_options, attention_for_attribution, load_model_and_tokenizer
 from loki.config import check_train_config
 from loki.device import is_rank_zero
 from loki.lightning.module import CausalLMModule
@@ -100,7 +102,12 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
                 )
             log.info("No attribution scores for %s with these settings yet: analysing first (once per base model and settings).", cfg.model.name)
             accelerator = cfg.trainer.get("accelerator", "auto")
-            analysis.run(cfg, model, tokenizer, trainer_kwargs={"accelerator": accelerator, "devices": 1})
+            kva_settings, _ = analysis.settings(cfg)
+            from loki.kva import resolve_recipe
+
+            scope, _ = resolve_recipe(kva_settings.get("recipe", "paper"), kva_settings.get("scope"), kva_settings.get("times_activation"), int(kva_settings.get("steps", 7)))
+            with attention_for_attribution(model, needs_mask=scope == "target"):  # flash attention cannot take KVA's mask
+                analysis.run(cfg, model, tokenizer, trainer_kwargs={"accelerator": accelerator, "devices": 1})
         store = ScoreStore(store_dir)
         kva, data = analysis.settings(cfg)
         wanted = store_meta(model, tokenizer, cfg.model.name, kva, data, prompt_format(data.get("prompt") or "letter"))
@@ -145,11 +152,14 @@ def run(cfg: DictConfig) -> dict:
     """setup (every check) -> retention before -> fit -> merge -> task + retention after -> export."""
     started = time.time()
     pl.seed_everything(cfg.seed, workers=True)
+    apply_lr_scale_with_q(cfg)  # optimizer.lr_scale_with_q: the optimizer's lr for this q, before any check
     built = setup(cfg)
+    start_logging(cfg, built)  # resolved config as hyperparameters; the telemetry callback
     retention_before = evaluate_retention(cfg, built, stage="before")
     module = build_module(cfg, built)
     trainer = instantiate(cfg.trainer, callbacks=built.callbacks, logger=built.logger, default_root_dir=built.run_dir)
     trainer.fit(module, datamodule=built.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    release_process_group(trainer)  # rank 0 evaluates alone from here; the other ranks return and exit
     if not trainer.is_global_zero:
         return {}
     model = plain_model(module, built)
@@ -172,6 +182,9 @@ class Setup:
     loki_callback: Any = None
     peft_lora: bool = False
     notes: dict = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where evaluation runs
+    lora_config: Any = None  # the peft LoraConfig of the peft baseline (rebuilt after an FSDP gather)
+    gathered_model: nn.Module | None = None  # FSDP: the full trained model rebuilt on rank 0 at fit end
 
 
 def _lora_alpha(cfg: DictConfig) -> float | None:
@@ -187,12 +200,16 @@ def setup(cfg: DictConfig) -> Setup:
     run_dir.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     arch.dims(model)  # an unsupported architecture stops here, with the list of supported ones
+    memory = apply_memory_options(model, cfg.model)  # gradient checkpointing now; compile at fit (below)
     method = method_label(cfg.loki.enabled, cfg.lora.rank, cfg.loki.q, cfg.loki.strategy)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and c.get("_target_")]
     logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else None
     if logger is None:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     out = Setup(run_dir=run_dir, model=model, tokenizer=tokenizer, method=method, datamodule=None, callbacks=callbacks, logger=logger)
+    out.device = eval_device(cfg)
+    out.notes["memory"] = memory
+    out.notes["devices"] = {}
 
     if cfg.loki.enabled:
         from loki.implant import check_positions
@@ -219,7 +236,11 @@ def setup(cfg: DictConfig) -> Setup:
             task_type="CAUSAL_LM",
         )
         out.model = get_peft_model(model, lora)
-        out.peft_lora = True
+        out.peft_lora, out.lora_config = True, lora
+    # Order in fit: FullModelGather's on_fit_end (FSDP only) runs before LokiCallback's merge; compile after install.
+    out.callbacks.insert(0, FullModelGather(cfg, out))
+    if memory["compile"]:
+        out.callbacks.insert(2 if out.loki_callback is not None else 1, CompileForTraining())
 
     out.datamodule = instantiate(cfg.task.data, tokenizer=tokenizer, seed=cfg.seed)
     if cfg.evaluate.validation_task_metric and cfg.task.get("eval") and is_rank_zero():
@@ -227,6 +248,114 @@ def setup(cfg: DictConfig) -> Setup:
 
         out.callbacks.append(TaskMetricCallback(cfg.task.eval))
     return out
+
+
+# ------------------------------------------------------------------------------------- device placement
+#
+# Evaluation runs on rank 0 only, on the training device. Before fit, rank 0 measures retention on its own
+# device (Lightning's launcher starts the other ranks only inside `fit`; under torchrun they wait in the
+# process-group rendezvous, so run the cached "before" once per model first, or raise the strategy's
+# timeout, when it takes longer than that). After fit every rank meets once more, then the process group
+# is torn down (`release_process_group`): the other ranks return and exit, and rank 0 evaluates with no
+# collective left that could time out. Lightning's teardown moves a DDP / single-device model to the CPU;
+# `plain_model` moves it back to the device.
+
+
+def eval_device(cfg: DictConfig) -> torch.device:
+    """Where this process evaluates: cuda:LOCAL_RANK when CUDA exists (unless trainer.accelerator=cpu),
+    else the trainer's accelerator (mps when asked for or auto and present), else the CPU."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto") or "auto").lower()
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    mps = getattr(torch.backends, "mps", None)
+    if accelerator in ("auto", "gpu", "mps") and mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def to_eval_device(setup: Setup, model: nn.Module | None = None) -> nn.Module:
+    """The model (default: setup.model) moved to setup.device if it is elsewhere; returns it."""
+    model = setup.model if model is None else model
+    from loki.device import model_device
+
+    if model_device(model) != setup.device:
+        model.to(setup.device)
+    return model
+
+
+def _record_device(setup: Setup, stage: str, model: nn.Module | str) -> None:
+    from loki.device import model_device
+
+    setup.notes.setdefault("devices", {})[stage] = model if isinstance(model, str) else str(model_device(model))
+
+
+def release_process_group(trainer: Any) -> None:
+    """After fit: every rank meets once, then the process group is destroyed (no-op in one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        trainer.strategy.barrier("loki-fit-end")
+        dist.destroy_process_group()
+
+
+class CompileForTraining(pl.Callback):
+    """`model.compile=true`: torch.compile the HF model in place once LoKI is installed (setup, before the
+    first step); `plain_model` returns it to eager execution for evaluation and export."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            from loki.models import compile_model
+
+            compile_model(pl_module.model)
+
+
+class FullModelGather(pl.Callback):
+    """Under FSDP the module is still sharded when fit ends, and LoKI's in-place merge would write into
+    shards. So at fit end, before LokiCallback's merge: every rank takes part in
+    `trainer.strategy.lightning_module_state_dict()` (Lightning's full state dict: gathered, offloaded to
+    the CPU, on rank 0 only); LoKI's handle on the sharded model is marked merged (nothing is merged in
+    place); rank 0 rebuilds the plain model from the base weights, installs the same implant (or peft
+    LoRA), loads the gathered state and merges: `setup.gathered_model`. DDP and DeepSpeed ZeRO-2 keep whole
+    weights on every rank, so this does nothing there."""
+
+    def __init__(self, cfg: DictConfig, setup: Setup):
+        self.cfg, self.setup_ = cfg, setup
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if not isinstance(trainer.strategy, FSDPStrategy):
+            return
+        state = trainer.strategy.lightning_module_state_dict()
+        loki = self.setup_.loki_callback
+        if loki is not None and loki.handle is not None:
+            loki.handle.merged = True  # the sharded copy is discarded; the rebuilt one is merged below
+        if trainer.is_global_zero:
+            self.setup_.gathered_model = rebuild_trained_model(self.cfg, self.setup_, state)
+
+
+def rebuild_trained_model(cfg: DictConfig, setup: Setup, state: dict) -> nn.Module:
+    """A plain HF model holding a LightningModule state dict (`model.` prefix) of the trained run."""
+    model, _ = load_model_and_tokenizer(cfg.model)
+    handle = None
+    if setup.loki_callback is not None:
+        from loki.implant import install
+
+        lc = setup.loki_callback
+        handle = install(model, setup.positions, lc.impl, lc.lora_rank, lc.lora_alpha, lc.lora_dropout)
+    elif setup.peft_lora:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, setup.lora_config)
+    inner = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    model.load_state_dict(inner, strict=True)
+    if handle is not None:
+        from loki.implant import merge
+
+        merge(model, handle)
+    return model
 
 
 def build_module(cfg: DictConfig, setup: Setup) -> CausalLMModule:
@@ -239,12 +368,14 @@ def build_module(cfg: DictConfig, setup: Setup) -> CausalLMModule:
 # -------------------------------------------------------------------------------------------- evaluate
 
 
+# Model settings that change how fast it trains, never what it computes: not part of the retention cache key.
+_SPEED_ONLY_MODEL_KEYS = ("gradient_checkpointing", "compile", "attn_implementation")
+
+
 def _retention_cache_path(cfg: DictConfig) -> Path:
     # The base model's retention depends only on the model and the retention settings: measure it once.
-    key = json.dumps(
-        {"model": OmegaConf.to_container(cfg.model, resolve=True), "eval": OmegaConf.to_container(cfg.eval, resolve=True)},
-        sort_keys=True,
-    )
+    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in _SPEED_ONLY_MODEL_KEYS}
+    key = json.dumps({"model": model, "eval": OmegaConf.to_container(cfg.eval, resolve=True)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return Path(cfg.paths.cache_dir) / "retention" / f"{safe_name(cfg.model.name)}-{digest}.json"
 
@@ -258,22 +389,31 @@ def evaluate_retention(cfg: DictConfig, setup: Setup, stage: str) -> dict | None
 
     cached = _retention_cache_path(cfg)
     reference = cached.with_suffix("")  # <cache>/retention/<model>-<digest>/: the base model's distributions
+    if stage == "before" and cached.exists() and reference_ready(cfg.eval, reference):
+        _record_device(setup, "retention_before", "cached")
+        return json.loads(cached.read_text())
+    model = to_eval_device(setup)  # on the training device (rank 0's), not where Lightning's teardown left it
+    _record_device(setup, f"retention_{stage}", model)
+    result = run_retention(model, setup.tokenizer, cfg.eval, reference_dir=reference, stage=stage)
     if stage == "before":
-        if cached.exists() and reference_ready(cfg.eval, reference):
-            return json.loads(cached.read_text())
-        result = run_retention(setup.model, setup.tokenizer, cfg.eval, reference_dir=reference, stage="before")
         write_json(cached, result)
-        return result
-    return run_retention(setup.model, setup.tokenizer, cfg.eval, reference_dir=reference, stage="after")
+    return result
 
 
 def plain_model(module: CausalLMModule, setup: Setup) -> nn.Module:
-    """The trained model as an ordinary HF model (LokiCallback already merged at fit end; peft merges here)."""
-    model = module.model
+    """The trained model as an ordinary HF model (LokiCallback already merged at fit end; peft merges here),
+    eager (not compiled), without checkpointing hooks, on the evaluation device. Under FSDP, the model
+    FullModelGather rebuilt from the gathered state dict."""
+    from loki.models import disable_gradient_checkpointing, uncompile
+
+    model = setup.gathered_model if setup.gathered_model is not None else module.model
+    setup.gathered_model = None
+    uncompile(model)
     if setup.peft_lora:
         model = model.merge_and_unload()
+    disable_gradient_checkpointing(model)
     setup.model = model
-    return model
+    return to_eval_device(setup, model)
 
 
 def finish(cfg: DictConfig, setup: Setup, model: nn.Module, retention_before: dict | None, trainer: Any, started: float) -> dict:
@@ -291,11 +431,14 @@ def finish(cfg: DictConfig, setup: Setup, model: nn.Module, retention_before: di
         "steps": int(trainer.global_step),
     }
     if cfg.evaluate.task and cfg.task.get("eval"):
+        model = to_eval_device(setup, model)
+        _record_device(setup, "task", model)
         metrics["task_metrics"] = run_task_eval(model, setup.tokenizer, cfg.task.eval)
     if retention_before is not None:
         retention_after = evaluate_retention(cfg, setup, stage="after")
         metrics["retention"] = {"before": retention_before, "after": retention_after}
         metrics["forgetting"] = forgetting_report(retention_before, retention_after)
+    metrics["devices"] = dict(setup.notes.get("devices") or {})  # where each evaluation ran ("cached": read back)
     if cfg.export:
         from loki.implant import export_model
 
@@ -309,7 +452,11 @@ def finish(cfg: DictConfig, setup: Setup, model: nn.Module, retention_before: di
     if trainer.logger is not None:
         flat = {f"final/{k}": v for k, v in _flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         trainer.logger.log_metrics(flat, step=trainer.global_step)
+        log_run_files(cfg, setup, trainer.logger)  # W&B: metrics.json, positions.json, the KVA heatmap as an artifact
         trainer.logger.finalize("success")
+        from loki.sweep import finish_wandb
+
+        finish_wandb()  # one W&B run per job: the next job of a sweep opens its own
     print(format_report(metrics))
     print(f"run dir: {setup.run_dir}")
     return metrics
@@ -331,3 +478,106 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[name] = value
     return out
+
+
+# ------------------------------------------------------------------------------------- lr, logging, W&B
+
+# `optimizer.lr_scale_with_q: paper`: the authors' ToolACE runs used 0.4x the q=10 % rate at q=30 %.
+PAPER_LR_SCALE = ((0.1, 1.0), (0.3, 0.4))
+
+
+def lr_multiplier(table: Any, q: float) -> float:
+    """The lr multiplier at q from `optimizer.lr_scale_with_q`: [[q, multiplier], ...] points, linear in
+    between and flat beyond the first and last point; `paper` for the authors' points; null/false: 1."""
+    if table is None or table is False:
+        return 1.0
+    if isinstance(table, str):
+        if table != "paper":
+            raise LokiError(f"optimizer.lr_scale_with_q must be null, 'paper' or a list of [q, multiplier] pairs, got {table!r}.")
+        table = PAPER_LR_SCALE
+    try:
+        points = sorted((float(a), float(b)) for a, b in table)
+    except (TypeError, ValueError):
+        raise LokiError(f"optimizer.lr_scale_with_q must be a list of [q, multiplier] pairs, got {table!r}.") from None
+    if not points or any(m <= 0 or not 0 < x <= 1 for x, m in points) or len({x for x, _ in points}) != len(points):
+        raise LokiError(
+            f"optimizer.lr_scale_with_q needs distinct q in (0, 1] and multipliers > 0, got {table!r} "
+            "(e.g. [[0.1, 1.0], [0.3, 0.4]])."
+        )
+    if q <= points[0][0]:
+        return points[0][1]
+    for (x0, m0), (x1, m1) in zip(points, points[1:]):
+        if q <= x1:
+            return m0 + (m1 - m0) * (q - x0) / (x1 - x0)
+    return points[-1][1]
+
+
+def apply_lr_scale_with_q(cfg: DictConfig) -> float:
+    """Resolve `optimizer.lr_scale_with_q` into `optimizer.lr` (and drop the key: AdamW does not take it).
+
+    Only LoKI runs with a q scale; the baselines and a positions file without q keep the rate. The base
+    rate and the multiplier are kept under `lr_scale` for the logs. Returns the multiplier.
+    """
+    if "lr_scale_with_q" not in (cfg.get("optimizer") or {}):
+        return 1.0
+    with open_dict(cfg):
+        table = OmegaConf.to_container(cfg.optimizer.lr_scale_with_q, resolve=True) if OmegaConf.is_config(
+            cfg.optimizer.lr_scale_with_q
+        ) else cfg.optimizer.lr_scale_with_q
+        del cfg.optimizer["lr_scale_with_q"]
+        q = cfg.loki.get("q") if cfg.loki.enabled else None
+        multiplier = lr_multiplier(table, float(q)) if q is not None and table not in (None, False) else 1.0
+        if table not in (None, False):
+            lr_multiplier(table, 0.1)  # a bad table is refused even when it does not apply
+        if multiplier != 1.0:
+            base = float(cfg.optimizer.lr)
+            cfg.optimizer.lr = base * multiplier
+            cfg.lr_scale = {"base_lr": base, "multiplier": multiplier, "q": float(q)}
+    return multiplier
+
+
+def start_logging(cfg: DictConfig, setup: Setup) -> None:
+    """Before fit: the resolved config as the logger's hyperparameters, and the telemetry callback."""
+    if setup.logger is None:
+        return
+    try:
+        params = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as err:  # an interpolation only Hydra can resolve (in-process use): log what resolves
+        log.warning("Logging the unresolved config (%s).", err)
+        params = OmegaConf.to_container(cfg, resolve=False)
+    setup.logger.log_hyperparams(params)
+    if cfg.get("telemetry", True):
+        from loki.lightning.telemetry import Telemetry
+
+        setup.callbacks.append(Telemetry())
+
+
+def log_run_files(cfg: DictConfig, setup: Setup, logger: Any) -> None:
+    """W&B only: metrics.json, positions.json and the KVA heatmap of the scores used, as one artifact."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not isinstance(logger, WandbLogger):
+        return
+    import wandb
+
+    files = [setup.run_dir / "metrics.json", setup.run_dir / "positions.json"]
+    if cfg.loki.enabled and not cfg.loki.get("positions"):
+        from loki.store import HEATMAP_FILE
+
+        if cfg.loki.get("scores", "auto") == "auto":
+            from loki import analysis
+
+            store_dir = Path(analysis.default_store(cfg))
+        else:
+            store_dir = Path(str(cfg.loki.scores)).expanduser()
+        files.append(store_dir / HEATMAP_FILE)
+    run = logger.experiment
+    artifact = wandb.Artifact(name=safe_name(f"{run.name or run.id}-files"), type="loki-run")
+    for path in files:
+        if path.is_file():
+            artifact.add_file(str(path), name=path.name)
+    if artifact.manifest.entries:
+        run.log_artifact(artifact)
+    heatmap = next((p for p in files[2:] if p.is_file()), None)
+    if heatmap is not None:
+        logger.log_image(key="attribution/heatmap", images=[str(heatmap)])

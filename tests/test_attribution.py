@@ -223,6 +223,7 @@ def test_cli_two_process_ddp_equals_one_process(tiny, rows, tmp_path, full_run):
     """The attribute.py smoke run, on 2 CPU processes: store, meta, heatmap; merged == the 1-process run."""
     result = _cli(
         f"data.path={FIXTURE}",
+        "data.per_subject=50",
         "kva.steps=2",
         "kva.target=gold",
         "kva.batch_size=4",
@@ -274,7 +275,7 @@ def test_train_and_attribute_compose_the_same_settings_and_store(tiny, tmp_path)
     meta = json.loads((store.dir / "meta.json").read_text())
     assert meta["kva"]["steps"] == 1 and meta["kva"]["recipe"] == "paper"
     # Precedence: conf/data/mmlu.yaml < the model config's attribution.data < the command line.
-    assert meta["data"]["per_subject"] is None and meta["data"]["split"] == "test" and meta["data"]["max_samples"] == 3
+    assert meta["data"]["per_subject"] == 2 and meta["data"]["split"] == "test" and meta["data"]["max_samples"] == 3
     # Other settings, another store: never a silent reuse.
     other = _compose("train", *overrides, "task=tiny_rerank", "kva.scope=sequence")
     assert analysis.default_store(other) != store.dir and analysis.default_store(other).parent == store.dir.parent
@@ -284,7 +285,7 @@ def test_attribute_yaml_takes_data_defaults_from_the_model_config():
     tiny_cfg = _compose("attribute", "model=tiny")
     cli_cfg = _compose("attribute", "model=tiny", "data.per_subject=2")
     qwen_cfg = _compose("attribute", "model=qwen0.5b", "model.name=Qwen/Qwen2.5-0.5B-Instruct")
-    assert tiny_cfg.data.path == "tests/fixtures/mmlu/test.jsonl" and tiny_cfg.data.per_subject is None
+    assert tiny_cfg.data.path == "tests/fixtures/mmlu/test.jsonl" and tiny_cfg.data.per_subject == 2
     assert cli_cfg.data.per_subject == 2 and cli_cfg.data.path == "tests/fixtures/mmlu/test.jsonl"
     assert qwen_cfg.data.path is None and qwen_cfg.data.per_subject == 50 and qwen_cfg.data.source == "cais/mmlu"
     # A "/" in the name is one directory level, the same for both entry points.

@@ -100,6 +100,7 @@ BAD_TRAIN_VALUES = [
     ("data.prompt=essay", "data.prompt must be one of letter, cloze, got 'essay'."),
     ("data.per_subject=0", "data.per_subject must be an integer >= 1 (or null), got 0."),
     ("data.path=/no/such/mmlu.jsonl", "data.path must be an existing file or directory in the MMLU schema (or null for data.source), got '/no/such/mmlu.jsonl'."),
+    ("data.per_subject=null", "eval.benchmarks.mmlu (offset=2, per_subject=null: rows 2 onwards of each subject) overlaps the attribution prompts"),
     ("ckpt_path=/no/such.ckpt", "ckpt_path must be an existing checkpoint file (or null), got '/no/such.ckpt'."),
 ]
 

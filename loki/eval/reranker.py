@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from loki.device import model_device, pad_batch, pad_token_id
+from loki.device import pad_token_id
 from loki.errors import LokiError
 from loki.prompts import DIGITS, RERANKER_SYSTEM_PROMPT, reranker_messages, reranker_user_turn  # noqa: F401  (re-exported)
 
@@ -63,19 +63,11 @@ def _fit_prompt(tokenizer, query: str, text: str, max_length: int) -> list[int]:
 @torch.no_grad()
 def last_token_logits(model, sequences: Sequence[Sequence[int]], pad_token_id: int, batch_size: int = 8) -> list[torch.Tensor]:
     """The next-token logits after each sequence, batched with right padding (exact: causal attention
-    never looks at the padding on the right, and positions stay 0..n-1). Longest first for even batches."""
-    device = model_device(model)
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    out: list[torch.Tensor | None] = [None] * len(sequences)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        input_ids, attention_mask = pad_batch([sequences[i] for i in chunk], pad_token_id, side="right")
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-        last = attention_mask.sum(1).to(logits.device) - 1
-        picked = logits[torch.arange(len(chunk), device=logits.device), last].float().cpu()
-        for row, i in enumerate(chunk):
-            out[i] = picked[row]
-    return out  # type: ignore[return-value]
+    never looks at the padding on the right, and positions stay 0..n-1). Longest first for even batches.
+    The output head runs at each sequence's last position only (`logits_to_keep`), on the model's device."""
+    from loki.eval.retention import next_token_logits
+
+    return next_token_logits(model, sequences, pad_token_id, batch_size)
 
 
 def score_pairs(

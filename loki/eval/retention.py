@@ -79,25 +79,60 @@ def _encode(tokenizer, text: str, special: bool = False) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _batches(model, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """(indices into `sequences`, logits [B, T, V]) per batch, right-padded (exact for causal models:
-    positions stay 0..n-1 and nothing attends to the padding), longest first for even batches."""
+def _keeps_logits(model) -> bool:
+    """True when `model.forward` takes a boolean [B, T] `logits_to_keep` (transformers 5.x: the output
+    head then runs at those positions only and returns [kept, V])."""
+    import inspect
+
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401  (bool masks: transformers 5.x)
+
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (ImportError, TypeError, ValueError):
+        return False
+
+
+def selected_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Logits [kept, V] at the True positions of `keep` [B, T], row by row (row-major order), computed only
+    there when the model supports `logits_to_keep`; otherwise the full [B, T, V] logits indexed by `keep`."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA layers live in the base
+    if _keeps_logits(target):
+        logits = target(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        return logits.reshape(-1, logits.shape[-1])
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]
+
+
+def span_logits(
+    model, sequences: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]], pad_id: int, batch_size: int
+) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+    """(indices into `sequences`, logits [stop - start, V] per index) per batch: the logits at positions
+    start..stop-1 of each sequence only. Right-padded (exact for causal models: positions stay 0..n-1 and
+    nothing attends to the padding), longest first for even batches, on the model's device."""
     device = model_device(model)
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     for start in range(0, len(order), max(1, int(batch_size))):
         chunk = order[start : start + max(1, int(batch_size))]
         input_ids, attention_mask = pad_batch([sequences[i] for i in chunk], pad_id, side="right")
+        keep = torch.zeros(input_ids.shape, dtype=torch.bool)
+        for row, i in enumerate(chunk):
+            lo, hi = spans[i]
+            keep[row, lo:hi] = True
         with torch.no_grad():
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-        yield chunk, logits
+            flat = selected_logits(model, input_ids.to(device), attention_mask.to(device), keep.to(device))
+        yield chunk, list(flat.split([spans[i][1] - spans[i][0] for i in chunk]))
+
+
+def _last(sequences: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    return [(len(s) - 1, len(s)) for s in sequences]
 
 
 def next_token_logits(model, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int = 8) -> list[torch.Tensor]:
-    """The float32 next-token logits after each whole sequence (on the CPU)."""
+    """The float32 next-token logits after each whole sequence (on the CPU); the output head runs at the
+    last position of each sequence only."""
     out: list[torch.Tensor | None] = [None] * len(sequences)
-    for chunk, logits in _batches(model, sequences, pad_id, batch_size):
-        for row, i in enumerate(chunk):
-            out[i] = logits[row, len(sequences[i]) - 1].float().cpu()
+    for chunk, rows in span_logits(model, sequences, _last(sequences), pad_id, batch_size):
+        for i, logits in zip(chunk, rows):
+            out[i] = logits[0].float().cpu()
     return out  # type: ignore[return-value]
 
 
@@ -131,12 +166,12 @@ def continuation_logprobs(
 ) -> list[float]:
     """Sum of log p(continuation token | everything before it) for each (context, continuation) pair."""
     sequences = [list(c) + list(x) for c, x in zip(contexts, continuations)]
+    # logits at position p predict token p+1: the continuation is predicted from n_ctx-1 .. n_ctx+n_cont-2
+    spans = [(len(c) - 1, len(c) + len(x) - 1) for c, x in zip(contexts, continuations)]
     out = [0.0] * len(sequences)
-    for chunk, logits in _batches(model, sequences, pad_id, batch_size):
-        for row, i in enumerate(chunk):
-            n_ctx, n_cont = len(contexts[i]), len(continuations[i])
-            # logits at position p predict token p+1: the continuation is predicted from n_ctx-1 .. n_ctx+n_cont-2
-            step_logits = logits[row, n_ctx - 1 : n_ctx + n_cont - 1].float()
+    for chunk, rows in span_logits(model, sequences, spans, pad_id, batch_size):
+        for i, logits in zip(chunk, rows):
+            step_logits = logits.float()
             targets = torch.tensor(list(continuations[i]), device=step_logits.device)
             out[i] = float(torch.log_softmax(step_logits, -1).gather(-1, targets[:, None]).sum())
     return out
@@ -230,11 +265,12 @@ def score_lm_loss(model, tokenizer, sequences: Sequence[Sequence[int]], batch_si
     if not usable:
         raise LokiError("lm_loss needs texts of at least two tokens.")
     total, tokens = 0.0, 0
-    for chunk, logits in _batches(model, usable, pad_token_id(tokenizer), batch_size):
-        for row, i in enumerate(chunk):
+    spans = [(0, len(s) - 1) for s in usable]  # every position but the last predicts a token; padding is skipped
+    for chunk, rows in span_logits(model, usable, spans, pad_token_id(tokenizer), batch_size):
+        for i, logits in zip(chunk, rows):
             n = len(usable[i])
             targets = torch.as_tensor(list(usable[i][1:]), device=logits.device)
-            lp = torch.log_softmax(logits[row, : n - 1].float(), -1).gather(-1, targets[:, None])
+            lp = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])
             total -= float(lp.double().sum())
             tokens += n - 1
     return {"lm_loss": total / tokens, "n": float(len(usable)), "tokens": float(tokens)}
@@ -243,9 +279,13 @@ def score_lm_loss(model, tokenizer, sequences: Sequence[Sequence[int]], batch_si
 # --------------------------------------------------------------------------------------------- KL
 
 
-def _measured(logits_row: torch.Tensor, n: int, positions: str) -> torch.Tensor:
-    """float32 log-probs [P, V] at the measured positions of one sequence of length n."""
-    picked = logits_row[n - 1 : n] if positions == "last" else logits_row[:n]
+def _spans(sequences: Sequence[Sequence[int]], positions: str) -> list[tuple[int, int]]:
+    """The measured positions of each sequence: its last (`last`) or all of them (`all`)."""
+    return _last(sequences) if positions == "last" else [(0, len(s)) for s in sequences]
+
+
+def _measured(picked: torch.Tensor) -> torch.Tensor:
+    """float32 log-probs [P, V] of the logits at the measured positions of one sequence."""
     return torch.log_softmax(picked.float(), dim=-1)
 
 
@@ -274,8 +314,8 @@ def write_kl_reference(model, sequences, path: Path, name: str, positions: str, 
     """Store the base model's log-probs at the measured positions (top_k tokens + tail mass, or all)."""
     count = sum(1 if positions == "last" else len(s) for s in sequences)
     rows: list[dict[str, torch.Tensor] | None] = [None] * len(sequences)
-    for chunk, logits in _batches(model, sequences, pad_id, batch_size):
-        vocab = logits.shape[-1]
+    for chunk, picked in span_logits(model, sequences, _spans(sequences, positions), pad_id, batch_size):
+        vocab = picked[0].shape[-1]
         k = min(top_k, vocab) if top_k is not None else None
         width = k if k is not None else vocab
         if count * width * (8 if k is not None else 4) > MAX_REFERENCE_BYTES:
@@ -283,8 +323,8 @@ def write_kl_reference(model, sequences, path: Path, name: str, positions: str, 
                 f"eval.benchmarks.{name} would store {count} x {width} base log-probs (over 2 GiB); "
                 f"lower eval.benchmarks.{name}.top_k, use positions: last, or fewer rows."
             )
-        for row, i in enumerate(chunk):
-            lp = _measured(logits[row], len(sequences[i]), positions)
+        for i, logits in zip(chunk, picked):
+            lp = _measured(logits)
             if k is None:
                 rows[i] = {"logprobs": lp.cpu()}
                 continue
@@ -330,9 +370,9 @@ def score_kl(model, sequences, state: Mapping[str, Any], pad_id: int, batch_size
     positions, offsets = state["positions"], state["offsets"]
     per_prompt = [0.0] * len(sequences)
     agree, measured = 0, 0
-    for chunk, logits in _batches(model, sequences, pad_id, batch_size):
-        for row, i in enumerate(chunk):
-            lq = _measured(logits[row], len(sequences[i]), positions).double()
+    for chunk, picked in span_logits(model, sequences, _spans(sequences, positions), pad_id, batch_size):
+        for i, logits in zip(chunk, picked):
+            lq = _measured(logits).double()
             lo, hi = int(offsets[i]), int(offsets[i + 1])
             lp = state["logprobs"][lo:hi].to(lq.device).double()
             if "indices" in state:

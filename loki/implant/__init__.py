@@ -10,13 +10,14 @@ Plain torch: importing this package loads no Lightning, Hydra or OmegaConf. The 
 """
 
 from loki.implant.guard import RowGuard, mask_gradient
-from loki.implant.layer import LokiDownProj, row_mask
+from loki.implant.layer import LokiDownProj, master_dtype, row_mask
 from loki.implant.model import (
     IMPLS,
     LokiHandle,
     attach_optimizer,
     check_optimizer_holds,
     check_options,
+    check_precision,
     check_positions,
     export_model,
     install,
@@ -32,10 +33,12 @@ __all__ = [
     "attach_optimizer",
     "check_optimizer_holds",
     "check_options",
+    "check_precision",
     "check_positions",
     "export_model",
     "install",
     "mask_gradient",
+    "master_dtype",
     "merge",
     "positions_digest",
     "row_mask",

@@ -100,6 +100,31 @@ def check_options(impl: str, lora_rank: int, lora_alpha: float | None, lora_drop
         raise LokiError(f"lora.dropout must be in [0, 1), got {lora_dropout!r}.")
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+_DTYPE_NAMES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def check_precision(impl: str, lora_rank: int, weight_dtype: torch.dtype | str | None) -> None:
+    """LokiError if `impl="hook"` (without LoRA) would train bf16/fp16 weights in place.
+
+    The hook trains the model's own `down_proj.weight`, so with low-precision weights the parameter and
+    its optimizer state are bf16/fp16 and updates smaller than half an ulp round away (at lr 1e-5 a bf16
+    run kept ~30-65 % of the fp32 update). `impl=rows` and LoRA keep float32 masters instead.
+    `weight_dtype` may be a torch dtype or a config name ("bfloat16", "float16", ...); None passes.
+    """
+    if impl != "hook" or lora_rank > 0 or weight_dtype is None:
+        return
+    dtype = _DTYPE_NAMES.get(weight_dtype, weight_dtype) if isinstance(weight_dtype, str) else weight_dtype
+    if dtype in LOW_PRECISION:
+        name = str(dtype).removeprefix("torch.")
+        raise LokiError(
+            f"loki.impl=hook would train the {name} down_proj weights in place, where small updates round away; "
+            "use loki.impl=rows, which trains float32 master rows, or load the model in float32."
+        )
+
+
 def check_positions(model: nn.Module, positions, lora_rank: int = 0) -> tuple[Positions, Dims]:
     """Positions (list or JSON path) checked against `model` and the LoRA rank; LokiError otherwise."""
     model_dims = dims(model)  # LokiError naming the supported families if there is no down_proj
@@ -128,11 +153,16 @@ def install(
     `positions`: list of per-layer row lists, or a path to a JSON file in the published format. All
     checks run before the model is touched. With `impl="hook"`, call `attach_optimizer(handle, opt)`
     on every optimizer that holds the masked weights, or weight decay will move the unselected rows.
+    With bf16/fp16 weights, rows and LoRA train float32 masters and `impl="hook"` is refused
+    (`check_precision`).
     """
     check_options(impl, lora_rank, lora_alpha, lora_dropout)
     if any(isinstance(m, LokiDownProj) for m in model.modules()):
         raise LokiError("the model already has LoKI modules installed; merge(model, handle) before installing again.")
     positions, model_dims = check_positions(model, positions, lora_rank)
+    for layer, rows in zip(decoder_layers(model), positions):
+        if rows:
+            check_precision(impl, lora_rank, layer.mlp.down_proj.weight.dtype)
     mode = "lora" if lora_rank > 0 else impl
     handle = LokiHandle(
         model=model,

@@ -1,6 +1,7 @@
 """The toy world and toy model: an offline, minutes-sized stand-in for a real LLM and its benchmarks.
 
-- `load_toy_model(cfg)` -> (model, tokenizer): builds and caches on first use (loki.toy.build).
+- `load_toy_model(cfg)` -> (model, tokenizer): the shipped reference weights (loki/toy/reference, sha256
+  checked), or with `model.build=true` a local build, cached on first use (loki.toy.build).
 - `toy_path(name, cfg)` and the OmegaConf resolver `${toy:NAME}` (registered on import of this package)
   give the world's files: benchmark, rerank_train, beir, facts, pretrain, world, model, dir.
 

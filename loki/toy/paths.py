@@ -1,9 +1,10 @@
 """Where the toy world's files are, for configs: `toy_path(name, cfg)` and the `${toy:NAME}` resolver.
 
 NAME is one of: benchmark (MMLU-schema jsonl), rerank_train (ShareGPT jsonl), beir (BEIR dir),
-facts, pretrain, world (the world dir), model (the model dir; only after a build), dir (the build dir).
-The world files are written on first request (cheap, no model build), so a config can point at them
-before the model is loaded; the model dir exists once `load_toy_model` has run.
+facts, pretrain, world (the world dir), model (the model dir: the shipped reference, or with
+`model.build=true` the local build's, which exists once `load_toy_model` has run), dir (the build dir,
+which holds the world). The world files are written on first request (cheap, pure Python, no model
+build), so a config can point at them before the model is loaded.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from loki.errors import LokiError
-from loki.toy.build import ToySettings, build_dir, cache_dir_of, ensure_world
+from loki.toy.build import REFERENCE_DIR, ToySettings, build_dir, cache_dir_of, ensure_world, wants_build
 from loki.toy.world import WORLD_FILES
 
 NAMES = tuple(WORLD_FILES) + ("world", "model", "dir")
@@ -25,7 +26,7 @@ def toy_path(name: str, cfg: Any = None) -> str:
     if name == "dir":
         return str(build_dir(settings, cache_dir))
     if name == "model":
-        return str(build_dir(settings, cache_dir) / "model")
+        return str(build_dir(settings, cache_dir) / "model" if wants_build(cfg) else REFERENCE_DIR)
     world_dir = ensure_world(settings, cache_dir)
     return str(world_dir if name == "world" else world_dir / WORLD_FILES[name])
 

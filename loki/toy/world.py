@@ -18,6 +18,14 @@ measurable:
   stays at the label mean), but it learns a document-side signal in ~100 steps and the category match
   on top of it more slowly, which is enough for a task metric that moves.
 
+- **Numbers** (so the answer digits mean something before fine-tuning): small questions whose answers are
+  the digits 1-7, in the chat format (count the words of a list, the number after or before another,
+  a small sum). They never mention products, queries or relatedness, so they do not teach the
+  reranking rule; they make the model emit digits after `<|im_start|>assistant` and give the seven digit
+  embeddings distinct, ordered meanings. Without them digits never occur as answers in pretraining,
+  their tied embeddings collapse together (pairwise cosine 0.97) and only full fine-tuning can pull
+  them apart: rows of `down_proj` alone could not learn the task.
+
 Everything is a pure function of the seed (Python's `random.Random`, sorted iteration), so the files
 written by `write_world` are byte-identical for the same seed.
 """
@@ -136,6 +144,7 @@ class ToyWorld:
     corpus: list[dict] = field(default_factory=list)  # BEIR {_id, title, text}
     queries: list[dict] = field(default_factory=list)  # BEIR {_id, text}
     qrels: list[tuple[str, str, int]] = field(default_factory=list)  # (query-id, corpus-id, grade)
+    number_qa: list[tuple[str, str]] = field(default_factory=list)  # (question, answer digit 1-7) for pretraining
 
     def qa_pairs(self) -> list[tuple[str, str]]:
         """(question, answer) per fact: the chat-formatted Q/A the model also sees in pretraining."""
@@ -195,6 +204,29 @@ def _product_with_matches(rng: random.Random, query: tuple[str, str, str], patte
     return tuple(q if keep else rng.choice([v for v in pool if v != q]) for q, keep, pool in zip(query, pattern, pools))
 
 
+# Number questions for pretraining (answers 1-7); the words to count come from the facts' value sets and the
+# product words, never with a score or a query.
+NUMBER_WORDS = sorted({v for spec in RELATIONS.values() for v in spec["values"] or []} | set(CATEGORIES) | set(FEATURES))
+
+
+def number_question(rng: random.Random) -> tuple[str, str]:
+    """One (question, answer) pair whose answer is a digit 1-7: a count, a successor, a predecessor or a sum."""
+    kind = rng.choice(["count", "count", "after", "before", "sum"])
+    if kind == "count":
+        n = rng.randint(1, 7)
+        words = ", ".join(rng.sample(NUMBER_WORDS, n))
+        return rng.choice(["How many words are in this list: {w}?", "Count the words: {w}."]).format(w=words), str(n)
+    if kind == "after":
+        n = rng.randint(1, 6)
+        return f"What number comes after {n}?", str(n + 1)
+    if kind == "before":
+        n = rng.randint(2, 7)
+        return f"What number comes before {n}?", str(n - 1)
+    a = rng.randint(1, 6)
+    b = rng.randint(1, 7 - a)
+    return f"What is {a} plus {b}?", str(a + b)
+
+
 def _random_attributes(rng: random.Random) -> tuple[str, str, str]:
     return (rng.choice(CATEGORIES), rng.choice(FEATURES), rng.choice(AUDIENCES))
 
@@ -207,6 +239,7 @@ def generate_world(
     docs_per_eval_query: int = 4,
     extra_eval_docs: int = 20,
     product_texts_per_entity: int = 3,
+    number_questions_per_entity: int = 8,
 ) -> ToyWorld:
     """Generate the whole toy world from `seed` (see the module docstring for what is in it)."""
     rng = random.Random(seed)
@@ -285,6 +318,10 @@ def generate_world(
             grade = relatedness(query, product, conditions[doc_index]) - 1
             if grade > 0:
                 world.qrels.append((query_id, f"d{doc_index}", grade))
+
+    # Number questions come from their own generator, so adding them left every other file of a seed as it was.
+    number_rng = random.Random(f"numbers-{seed}")
+    world.number_qa = [number_question(number_rng) for _ in range(number_questions_per_entity * num_entities)]
     return world
 
 

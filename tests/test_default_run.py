@@ -1,0 +1,22 @@
+"""`python train.py` with no arguments (the toy default: analyse, select, implant at q = 0.1, evaluate) learns
+the task: NDCG@10 well above a random ranking of the candidates, on the shipped reference toy."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import compose_config, run_train
+
+
+@pytest.mark.slow
+def test_the_default_run_beats_a_random_ranking(tmp_path):
+    from loki.toy.baseline import random_ranking_metrics
+
+    metrics = run_train(tmp_path / "run", "export=false")  # the default config; only the export is skipped
+    assert metrics["method"] == "loki-q0.1"
+    chance = random_ranking_metrics(compose_config("train").task.eval, shuffles=0)["ndcg@10"]
+    assert 0.38 < chance < 0.40  # the toy's 20 queries x 100 candidates: 0.392
+    ndcg = metrics["task_metrics"]["ndcg@10"]
+    assert ndcg >= 0.5, (ndcg, chance)
+    # LoKI's point: the toy's facts survive. The untrained toy answers all held-out questions.
+    assert metrics["retention"]["after"]["retention/toy_facts/acc"] >= 0.6, metrics["retention"]
