@@ -223,7 +223,7 @@ def measure_training(shape: dict, device, seq: int, batch: int, steps: int) -> N
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
 
-        def step():
+        def step(model=model, optimizer=optimizer):
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids).loss
@@ -239,7 +239,7 @@ def measure_training(shape: dict, device, seq: int, batch: int, steps: int) -> N
         seconds = (time.perf_counter() - start) / steps
         peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else "n/a on CPU"
         record(f"train step, {method}, batch {batch}x{seq}", f"{seconds * 1000:.0f} ms/step, peak {peak}")
-        del model, optimizer
+        del model, optimizer, step
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -54,15 +54,24 @@ def run(
     progress: bool = True,
 ) -> ScoreStore | None:
     """Analyse `cfg.model` (or the given, already loaded model) into its store; the store on rank 0."""
-    from loki.lightning.kva import run_attribution
-
     kva, data = settings(cfg)
     # Data before the model: a missing dataset fails in seconds, not after a multi-GB download.
     rows = load_rows(data)
+    from loki.models import attention_for_attribution
+
     if model is None:
         from loki.models import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(cfg.model)
+    # The target-scope path passes its own attention mask, which flash attention cannot take: sdpa while
+    # analysing, the configured attention afterwards.
+    with attention_for_attribution(model, needs_mask=kva["scope"] == "target"):
+        return _attribute(cfg, model, tokenizer, rows, kva, data, out_dir, trainer_kwargs, logger, progress)
+
+
+def _attribute(cfg, model, tokenizer, rows, kva, data, out_dir, trainer_kwargs, logger, progress):
+    from loki.lightning.kva import run_attribution
+
     return run_attribution(
         model,
         tokenizer,

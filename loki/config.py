@@ -198,6 +198,9 @@ def check_train_config(cfg: DictConfig) -> None:
     if not c.get("loki.enabled"):
         return
     c.one_of("loki.impl", IMPLS)
+    from loki.implant import check_precision
+
+    check_precision(c.get("loki.impl"), int(c.get("lora.rank")), c.get("model.dtype"))  # hook on bf16 weights is refused
     _check_sharded(c)
     c.one_of("loki.strategy", STRATEGIES)
     c.one_of("loki.score", SCORE_MODES)

@@ -24,7 +24,7 @@ from torch import nn
 import loki.toy  # noqa: F401  registers the ${toy:...} resolver that toy configs use
 from loki import arch
 from loki.errors import LokiError
-from loki.models import apply_memory_options, attention_for_attribution, load_model_and_tokenizer
+from loki.models import apply_memory_options, load_model_and_tokenizer
 from loki.config import check_train_config
 from loki.device import is_rank_zero
 from loki.lightning.module import CausalLMModule
@@ -102,12 +102,7 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
                 )
             log.info("No attribution scores for %s with these settings yet: analysing first (once per base model and settings).", cfg.model.name)
             accelerator = cfg.trainer.get("accelerator", "auto")
-            kva_settings, _ = analysis.settings(cfg)
-            from loki.kva import resolve_recipe
-
-            scope, _ = resolve_recipe(kva_settings.get("recipe", "paper"), kva_settings.get("scope"), kva_settings.get("times_activation"), int(kva_settings.get("steps", 7)))
-            with attention_for_attribution(model, needs_mask=scope == "target"):  # flash attention cannot take KVA's mask
-                analysis.run(cfg, model, tokenizer, trainer_kwargs={"accelerator": accelerator, "devices": 1})
+            analysis.run(cfg, model, tokenizer, trainer_kwargs={"accelerator": accelerator, "devices": 1})
         store = ScoreStore(store_dir)
         kva, data = analysis.settings(cfg)
         wanted = store_meta(model, tokenizer, cfg.model.name, kva, data, prompt_format(data.get("prompt") or "letter"))
@@ -222,6 +217,7 @@ def setup(cfg: DictConfig) -> Setup:
             lora_rank=int(cfg.lora.rank),
             lora_alpha=_lora_alpha(cfg),
             lora_dropout=float(cfg.lora.dropout),
+            model_name=cfg.model.name,
         )
         check_positions(model, out.positions, int(cfg.lora.rank))  # lora.rank > k fails now, before data loading
         out.callbacks.insert(0, out.loki_callback)
@@ -329,9 +325,9 @@ class FullModelGather(pl.Callback):
         if not isinstance(trainer.strategy, FSDPStrategy):
             return
         state = trainer.strategy.lightning_module_state_dict()
-        loki = self.setup_.loki_callback
-        if loki is not None and loki.handle is not None:
-            loki.handle.merged = True  # the sharded copy is discarded; the rebuilt one is merged below
+        implant = self.setup_.loki_callback
+        if implant is not None and implant.handle is not None:
+            implant.handle.merged = True  # the sharded copy is discarded; the rebuilt one is merged below
         if trainer.is_global_zero:
             self.setup_.gathered_model = rebuild_trained_model(self.cfg, self.setup_, state)
 

@@ -145,3 +145,30 @@ def test_train_with_gradient_checkpointing_exports_a_plain_model(tmp_path):
 
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
     assert not tuned.is_activation_checkpointing
+
+
+def test_rebuild_from_a_gathered_state_dict_equals_the_in_place_merge():
+    """The FSDP finish path (FullModelGather): base weights + the same implant + the gathered LightningModule
+    state dict, merged, give what LoKI's in-place merge gives on one device."""
+    from types import SimpleNamespace
+
+    from loki.implant import merge
+    from loki.lightning import LokiCallback
+    from loki.recipe import rebuild_trained_model
+
+    cfg = compose_config("train", *TINY)
+    model, _ = load_model_and_tokenizer(cfg.model)
+    positions = [[1, 5, 17, 30]] * 4
+    handle = install(model, positions, impl="rows")
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "rows"):
+                m.rows.add_(0.5)
+    state = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}  # as lightning_module_state_dict keys it
+    merge(model, handle)
+    setup = SimpleNamespace(loki_callback=LokiCallback(positions, impl="rows"), positions=positions, peft_lora=False)
+    rebuilt = rebuild_trained_model(cfg, setup, state)
+    expected = model.state_dict()
+    assert rebuilt.state_dict().keys() == expected.keys()
+    for name, value in rebuilt.state_dict().items():
+        assert torch.equal(value, expected[name]), name
