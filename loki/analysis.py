@@ -54,11 +54,12 @@ def run(
     progress: bool = True,
 ) -> ScoreStore | None:
     """Analyse `cfg.model` (or the given, already loaded model) into its store; the store on rank 0."""
+    from loki.lightning.kva import run_attribution
+    from loki.models import attention_for_attribution
+
     kva, data = settings(cfg)
     # Data before the model: a missing dataset fails in seconds, not after a multi-GB download.
     rows = load_rows(data)
-    from loki.models import attention_for_attribution
-
     if model is None:
         from loki.models import load_model_and_tokenizer
 
@@ -66,23 +67,17 @@ def run(
     # The target-scope path passes its own attention mask, which flash attention cannot take: sdpa while
     # analysing, the configured attention afterwards.
     with attention_for_attribution(model, needs_mask=kva["scope"] == "target"):
-        return _attribute(cfg, model, tokenizer, rows, kva, data, out_dir, trainer_kwargs, logger, progress)
-
-
-def _attribute(cfg, model, tokenizer, rows, kva, data, out_dir, trainer_kwargs, logger, progress):
-    from loki.lightning.kva import run_attribution
-
-    return run_attribution(
-        model,
-        tokenizer,
-        rows,
-        out_dir=out_dir or store_dir(cfg.paths.cache_dir, cfg.model.name, kva, data),
-        model_name=cfg.model.name,
-        kva=kva,
-        data=data,
-        batch_size=kva.get("batch_size", 8),
-        trainer_kwargs=trainer_kwargs,
-        logger=logger,
-        heatmap_q=kva.get("heatmap_q"),
-        progress=progress,
-    )
+        return run_attribution(
+            model,
+            tokenizer,
+            rows,
+            out_dir=out_dir or store_dir(cfg.paths.cache_dir, cfg.model.name, kva, data),
+            model_name=cfg.model.name,
+            kva=kva,
+            data=data,
+            batch_size=kva.get("batch_size", 8),
+            trainer_kwargs=trainer_kwargs,
+            logger=logger,
+            heatmap_q=kva.get("heatmap_q"),
+            progress=progress,
+        )
