@@ -4,7 +4,7 @@
                                    [--layers 16 --hidden 256 --intermediate 1024 --vocab 32000]
 
 Random Qwen2 model (default: 16 layers, hidden 256, intermediate 1024, 4 heads / 2 KV heads, vocab
-32,000). The baseline follows the authors' current code (DESIGN.md "Three recipes", recipe="captum"):
+32,000). The baseline follows the authors' current code (docs/method.md "KVA", recipe="captum"):
 one sample at a time, one Captum call per layer on that layer's down_proj, n_steps=7,
 method="riemann_trapezoid", input baseline all token id 0, all steps in one internal batch, the whole
 sequence interpolated, logits computed at the target position only. loki.kva runs one sample at a

@@ -1,6 +1,6 @@
 """Knowledge Vector Attribution (KVA): integrated gradients on each layer's FFN down-projection output.
 
-Plain torch on a Hugging Face causal LM; no Lightning. DESIGN.md "KVA" gives the definitions. Notation:
+Plain torch on a Hugging Face causal LM; no Lightning. docs/method.md "KVA" gives the definitions. Notation:
 z_l = layer l's down_proj output [seq, D]; t = the last real token; y = the target token (the clean
 model's argmax at t, or the given gold token); f = softmax(logits[t])[y] (objective="prob") or
 logits[t][y] (objective="logit"); "f(x | z_l <- v)" = the model run with z_l replaced by v, every other
@@ -30,9 +30,9 @@ gradients convention). Only one layer is replaced at a time. Three recipes (`REC
 The recipe fixes the integration rule, the baseline and the activation factor; `scope` and
 `times_activation` remain choices only where they mean something (paper: either scope, either factor;
 published: target scope, factor on; captum: sequence scope, factor on). `resolve_recipe` says which.
-`objective` and gold `targets` apply to every recipe (DESIGN.md's recipes use "prob" and the argmax).
+`objective` and gold `targets` apply to every recipe (docs/method.md's recipes use "prob" and the argmax).
 
-Two exact shortcuts (DESIGN.md "Performance model") make this far cheaper than rerunning the model
+Two exact shortcuts (docs/method.md "KVA", fast paths) make this far cheaper than rerunning the model
 m times per layer; every recipe uses one of them, none needs the naive loop:
 
 * Replacing z_l leaves every layer below l unchanged, so one clean pass records what each layer

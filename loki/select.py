@@ -1,4 +1,4 @@
-"""Selection: from KVA scores to trainable rows (DESIGN.md "Selection"); plain tensors in, positions out.
+"""Selection: from KVA scores to trainable rows (docs/method.md "Selection"); plain tensors in, positions out.
 
 Scores are [N, L, D] (samples x layers x rows), given whole or as an iterable of sample chunks
 [n_i, L, D]; only per-(layer, row) tallies are kept, so memory does not grow with N.

@@ -360,7 +360,7 @@ def real_overrides(s: dict, recipe: str | None = None) -> list[str]:
     out = [f"model={s['model']}"]
     for bench in MMLU_BENCHMARKS:
         for key, value in (s.get("retention") or {}).get(bench, {}).items():
-            out.append(f"eval.benchmarks.{bench}.{key}={'null' if value is None else value}")
+            out.append(f"++eval.benchmarks.{bench}.{key}={'null' if value is None else value}")
     if recipe is not None:
         out += [f"kva.recipe={recipe}", *s["attribution"][recipe]]
     return out + list(s.get("overrides") or [])
@@ -494,6 +494,8 @@ def real_implant_run(s: dict, out: Path, arm: str, lr: float, seed: int) -> dict
     metrics_file = run_dir / "metrics.json"
     if metrics_file.exists():
         return json.loads(metrics_file.read_text())
+    if s["implant"].get("cached_only"):  # tables from what a stopped run finished
+        return None
     _log(f"implant {arm} lr={lr:g} seed={seed}")
     return recipe.run(compose_train(_implant_overrides(s, arm, lr, seed, run_dir)))
 
@@ -515,10 +517,14 @@ def real_implant(s: dict, out: Path) -> dict[str, dict]:
         family = REAL_ARMS[arm][0]
         grid = list(imp["lr_grid"][family]) if (arm in imp["grid_arms"] or family not in chosen_by_family) else [chosen_by_family[family]]
         grid_runs = {lr: real_implant_run(s, out, arm, lr, seeds[0]) for lr in grid}
+        grid_runs = {lr: run for lr, run in grid_runs.items() if run is not None}
+        if not grid_runs:
+            continue
+        grid = list(grid_runs)
         best = max(grid, key=lambda lr: (_acc(grid_runs[lr], "toy_facts_val"), -lr))  # ties: the smaller step
         chosen_by_family.setdefault(family, best)
         arm_seeds = seeds if arm in imp["headline"] else seeds[:1]
-        runs = [grid_runs[best]] + [real_implant_run(s, out, arm, best, seed) for seed in arm_seeds[1:]]
+        runs = [grid_runs[best]] + [r for r in (real_implant_run(s, out, arm, best, seed) for seed in arm_seeds[1:]) if r is not None]
         results[arm] = {"lr": best, "grid": {lr: _acc(r, "toy_facts_val") for lr, r in grid_runs.items()}, "runs": runs}
     return results
 
@@ -639,7 +645,7 @@ def real_plot(summary: dict, s: dict, implant: dict | None, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    qs = list(s["suppression"]["qs"])
+    qs = sorted(s["suppression"]["qs"])
     panels = 2 if implant else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8), squeeze=False)
     ax = axes[0][0]
@@ -709,7 +715,7 @@ def run_real_study(s: dict) -> dict:
     cfg = compose_train(real_overrides(s))
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     model.eval()
-    stages = set(s.get("stages") or ("suppression", "implant"))
+    stages = set(("suppression", "implant") if s.get("stages") is None else s["stages"])
     stores = real_attribution(s, model, tokenizer)
     base, reference = real_base(s, out, model, tokenizer)
     sections = [Q4_NOTE, "", f"Command: `{s.get('command') or 'python -m loki.study study=' + s['name']}`", ""]
@@ -720,11 +726,12 @@ def run_real_study(s: dict) -> dict:
         sizes = {recipe: __import__("loki.store", fromlist=["ScoreStore"]).ScoreStore(d).num_samples for recipe, d in stores.items()}
         sections += ["### Suppression (no training)", "",
                      "Attribution prompts per recipe: " + ", ".join(f"{r} {n}" for r, n in sizes.items()) + ".", "", text, "",
-                     "#### Per recipe and score (means over q)", "", suppression_verdict(summary, s["recipes"], s["suppression"]["scores"], s["suppression"]["qs"]), ""]
+                     "#### Per recipe and score (means over q)", "", suppression_verdict(summary, s["recipes"], s["suppression"]["scores"], sorted(s["suppression"]["qs"])), ""]
     implant = None
     if "implant" in stages and s["implant"]["enabled"] and s["implant"]["arms"]:
         del model
-        implant = real_implant(s, out)
+        implant = real_implant(s, out) or None
+    if implant:
         first = next(iter(implant.values()))["runs"][0]
         facts_base = first["retention"]["before"]
         sections += ["### Implanting the toy world's invented facts (task=toy_facts)", "",

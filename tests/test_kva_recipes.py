@@ -50,7 +50,7 @@ def _gradient_with_replaced_output(model, ids, layer, replacement, y, objective)
 
 
 def naive(model, input_ids, attention_mask, recipe, *, steps=7, scope=None, objective="prob", targets=None):
-    """[B, L, D] scores by the definitions in DESIGN.md "Three recipes", one prompt at a time."""
+    """[B, L, D] scores by the definitions in docs/method.md "KVA", one prompt at a time."""
     m = steps
     if recipe == "paper":
         alphas, weights = [k / m for k in range(1, m + 1)], [1 / m] * m

