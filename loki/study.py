@@ -395,6 +395,8 @@ def real_attribution(s: dict, model=None, tokenizer=None) -> dict[str, Path]:
         cfg = compose_train(real_overrides(s, recipe))
         store_dir = analysis.default_store(cfg)
         if not ScoreStore.exists(store_dir):
+            if s["suppression"].get("cached_only"):  # tables only: a recipe without a finished store is left out
+                continue
             _log(f"attribution {recipe}: {store_dir}")
             analysis.run(cfg, model, tokenizer, trainer_kwargs={"accelerator": "cpu", "devices": 1}, progress=False)
         stores[recipe] = store_dir
@@ -651,7 +653,7 @@ def real_plot(summary: dict, s: dict, implant: dict | None, path: Path) -> Path:
     ax = axes[0][0]
     colours = plt.cm.tab10
     index = 0
-    for recipe in s["recipes"]:
+    for recipe in sorted({key.split("|")[0] for key in summary} - {"-"}):
         for score in s["suppression"]["scores"]:
             for kind, style in (("lowest", "-o"), ("highest", "--^")):
                 ys = [summary.get(f"{recipe}|{score}|{q:g}|{kind}", {}).get("kl", (float("nan"), 0))[0] for q in qs]
@@ -726,7 +728,7 @@ def run_real_study(s: dict) -> dict:
         sizes = {recipe: __import__("loki.store", fromlist=["ScoreStore"]).ScoreStore(d).num_samples for recipe, d in stores.items()}
         sections += ["### Suppression (no training)", "",
                      "Attribution prompts per recipe: " + ", ".join(f"{r} {n}" for r, n in sizes.items()) + ".", "", text, "",
-                     "#### Per recipe and score (means over q)", "", suppression_verdict(summary, s["recipes"], s["suppression"]["scores"], sorted(s["suppression"]["qs"])), ""]
+                     "#### Per recipe and score (means over q)", "", suppression_verdict(summary, list(stores), s["suppression"]["scores"], sorted(s["suppression"]["qs"])), ""]
     implant = None
     if "implant" in stages and s["implant"]["enabled"] and s["implant"]["arms"]:
         del model
