@@ -575,7 +575,7 @@ def suppression_table(base: dict, rows: list[dict]) -> tuple[str, dict]:
             "letter": [_ret(a, "mmlu", "acc") for a in after],
         }
         summary[f"{recipe}|{score}|{q:g}|{kind}"] = {k: _mean_std(v) for k, v in vals.items()}
-        label = f"random ({len(group)} seeds)" if kind == "random" else f"KVA-{kind}"
+        label = f"random ({len(group)} seed{'s' if len(group) > 1 else ''})" if kind == "random" else f"KVA-{kind}"
         lines.append(
             f"| {recipe} | {score} | {q:g} | {group[0]['k']} | {label} | {_ms(vals['cloze'], 3)} | {_ms(vals['drop'], 1)} | "
             f"{_ms(vals['logprob'], 3)} | {_ms(vals['kl'], 4)} | {_ms(vals['top1'], 3)} | {_ms(vals['lm'], 4)} | {_ms(vals['letter'], 3)} |"
@@ -590,6 +590,10 @@ def suppression_verdict(summary: dict, recipes: Sequence[str], scores: Sequence[
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     ranking = []
+    # only the q at which every recipe x score has both rows and the random control: equal footing
+    qs = [q for q in qs if f"-|-|{q:g}|random" in summary
+          and all(f"{r}|{sc}|{q:g}|{kind}" in summary for r in recipes for sc in scores for kind in ("lowest", "highest"))]
+    lines.insert(0, f"Means over q in {{{', '.join(f'{q:g}' for q in qs) or 'none'}}} (the q measured for every recipe and score).\n")
     for recipe in recipes:
         for score in scores:
             def mean_of(kind, measure):

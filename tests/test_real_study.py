@@ -98,3 +98,14 @@ def test_tiny_real_study_runs_and_resumes(tmp_path, monkeypatch):
     assert json.dumps(again["suppression"], default=str) == json.dumps(supp, default=str)
     doc = (tmp_path / "real_model.md").read_text()
     assert doc.startswith("# kept prose") and doc.rstrip().endswith("more prose") and "old" not in doc
+
+    # cached_only: a recipe without a finished store and an arm without a finished run are left out, not run
+    import loki.analysis
+
+    monkeypatch.setattr(loki.analysis, "run", refuse)
+    s["recipes"] = ["paper", "published", "captum"]
+    s["attribution"]["captum"] = []
+    s["suppression"]["cached_only"] = True
+    s["implant"] = {**s["implant"], "cached_only": True, "arms": ["loki-q0.1", "full", "lora-r16"], "lr_grid": {**s["implant"]["lr_grid"], "lora": [1e-3]}}
+    partial = study.run_real_study(s)
+    assert not any(key.startswith("captum|") for key in partial["suppression"]) and set(partial["implant"]) == {"loki-q0.1", "full"}
