@@ -476,6 +476,7 @@ def _implant_overrides(s: dict, arm: str, lr: float, seed: int, run_dir: Path) -
     return out + [
         f"optimizer.lr={lr}",
         f"trainer.max_steps={int(imp['max_steps'])}",
+        "trainer.max_epochs=-1",  # the step budget decides (trainer/default.yaml stops after one epoch)
         f"task.data.batch_size={int(imp['batch_size'])}",
         f"seed={seed}",
         f"paths.output_dir={run_dir}",

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 REPO = Path(__file__).resolve().parents[1]
 
 # One temporary cache and log dir for the whole test run, set before anything composes a config: no test
-# reads or writes the user's ~/.cache/loki, and the toy is built (or unpacked) once per run, here.
+# reads or writes the user's ~/.cache/loki; the toy's world is generated here once per run (its weights are shipped).
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="loki-tests-"))
 os.environ["LOKI_CACHE"] = str(_SESSION_DIR / "cache")
 os.environ["LOKI_LOG_DIR"] = str(_SESSION_DIR / "logs")

@@ -24,7 +24,7 @@ import random
 from pathlib import Path
 from loki.toy.world import RELATIONS, generate_world
 
-FORMAT = 1  # bump when the files' content changes, so old caches are not reused
+FORMAT = 2  # bump when the files' content changes, so old caches are not reused
 
 # relation -> question paraphrases: TRAIN (indices 0-1), VAL (2), TEST (3)
 PARAPHRASES: dict[str, list[str]] = {
@@ -90,6 +90,7 @@ def _values(all_facts: list[dict], relation: str) -> list[str]:
 def build(seed: int = 0, lands: int = 10) -> dict[str, list[dict]]:
     """{"train": conversations, "val": MMLU rows, "test": MMLU rows} (see the module docstring)."""
     rows = facts(seed, lands)
+    every = generate_world(seed=seed).facts  # distractor capitals come from every land, so any `lands` >= 1 works
     rng = random.Random(f"toy-facts-{seed}")
     out: dict[str, list[dict]] = {name: [] for name in FILES}
     for fact in rows:
@@ -97,7 +98,7 @@ def build(seed: int = 0, lands: int = 10) -> dict[str, list[dict]]:
         for index in TRAIN:
             question = templates[index].format(e=fact["entity"])
             out["train"].append({"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": fact["value"]}]})
-        others = sorted(v for v in _values(rows, fact["relation"]) if v != fact["value"])
+        others = sorted(v for v in _values(every, fact["relation"]) if v != fact["value"])
         for split, index in (("val", VAL), ("test", TEST)):
             choices = rng.sample(others, 3) + [fact["value"]]
             rng.shuffle(choices)
