@@ -224,6 +224,7 @@ def test_cli_two_process_ddp_equals_one_process(tiny, rows, tmp_path, full_run):
     result = _cli(
         f"data.path={FIXTURE}",
         "data.per_subject=50",
+        "kva.recipe=paper",
         "kva.steps=2",
         "kva.target=gold",
         "kva.batch_size=4",
@@ -273,11 +274,11 @@ def test_train_and_attribute_compose_the_same_settings_and_store(tiny, tmp_path)
     store = analysis.run(train_cfg, *tiny, trainer_kwargs=CPU, progress=False)
     assert store.dir == analysis.default_store(attribute_cfg) and ScoreStore.exists(store.dir) and store.num_samples == 3
     meta = json.loads((store.dir / "meta.json").read_text())
-    assert meta["kva"]["steps"] == 1 and meta["kva"]["recipe"] == "paper"
+    assert meta["kva"]["steps"] == 1 and meta["kva"]["recipe"] == "published"  # the configs' default
     # Precedence: conf/data/mmlu.yaml < the model config's attribution.data < the command line.
     assert meta["data"]["per_subject"] == 2 and meta["data"]["split"] == "test" and meta["data"]["max_samples"] == 3
     # Other settings, another store: never a silent reuse.
-    other = _compose("train", *overrides, "task=tiny_rerank", "kva.scope=sequence")
+    other = _compose("train", *overrides, "task=tiny_rerank", "kva.recipe=paper")
     assert analysis.default_store(other) != store.dir and analysis.default_store(other).parent == store.dir.parent
 
 
@@ -290,7 +291,7 @@ def test_attribute_yaml_takes_data_defaults_from_the_model_config():
     assert qwen_cfg.data.path is None and qwen_cfg.data.per_subject == 50 and qwen_cfg.data.source == "cais/mmlu"
     # A "/" in the name is one directory level, the same for both entry points.
     store = analysis.default_store(qwen_cfg)
-    assert store.parent.name == "Qwen--Qwen2.5-0.5B-Instruct" and store.name.startswith("paper-target-")
+    assert store.parent.name == "Qwen--Qwen2.5-0.5B-Instruct" and store.name.startswith("published-target-")
     assert qwen_cfg.out_dir == "auto" and qwen_cfg.trainer.devices == 1
 
 

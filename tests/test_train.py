@@ -83,11 +83,11 @@ def test_scores_of_other_weights_under_the_same_name_are_refused(tmp_path):
     # Same model.name and settings, other random weights: the stored scores do not belong to this model.
     with pytest.raises(LokiError, match=r"made with another model \(model\.weights_fingerprint is"):
         _train(tmp_path, "loki.q=0.25", "model.seed=1", run="other")
-    # A `paper` store named by path is refused for recipe=captum: the recipe is part of its identity.
+    # A `published` store (the default) named by path is refused for recipe=captum: the recipe is part of its identity.
     from loki import analysis
 
     store = analysis.default_store(compose_config("train", *TINY, f"paths.cache_dir={tmp_path / 'cache'}"))
-    with pytest.raises(LokiError, match=r"other settings \(kva\.recipe is 'paper' there but 'captum' now\)"):
+    with pytest.raises(LokiError, match=r"other settings \(kva\.recipe is 'published' there but 'captum' now\)"):
         _train(tmp_path, "loki.q=0.25", f"loki.scores={store}", "kva.recipe=captum", run="captum")
 
 
