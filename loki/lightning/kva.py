@@ -81,6 +81,12 @@ class ScoreWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         name = f"rank{trainer.global_rank:04d}-{self.session}-{dataloader_idx}-{batch_idx:06d}"
         write_shard(self.out_dir, name, prediction["ids"], prediction["scores"])
+        # Lightning's predict loop records SIGTERM but never acts on it (its fit and evaluation loops do):
+        # stop here, after the batch's shard is on disk, so a killed run resumes where it stopped.
+        if getattr(trainer, "received_sigterm", False):
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            raise SIGTERMException()
 
     def on_predict_end(self, trainer, pl_module):
         trainer.strategy.barrier("kva-shards-written")  # every rank's shards are on disk before rank 0 checks
