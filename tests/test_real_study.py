@@ -91,7 +91,7 @@ def test_tiny_real_study_runs_and_resumes(tmp_path, monkeypatch):
     assert "retention/toy_facts_test/acc" in run["retention"]["after"] and run["steps"] == 2
     doc = (tmp_path / "real_model.md").read_text()
     assert "Q4_1" in doc and "KVA-lowest" in doc and "loki-q0.1" in doc and (tmp_path / "real_model.png").exists()
-    assert "Forgetting at an equal task metric" in doc and "| loki-q0.1-published-abs | 0.001: " in doc  # two grid arms: a comparison
+    assert "Forgetting at an equal task metric: KVA recipe x score" in doc and "| loki-q0.1-published-abs | 0.001: " in doc  # two grid arms: a comparison
     assert len(implant["loki-q0.1-published-abs"]["grid_runs"]) == 2
 
     # resumable: every stage is cached, so a second call measures and trains nothing
