@@ -640,10 +640,11 @@ def implant_table(results: dict[str, dict], base: dict) -> str:
         avg_cloze, avg_letter, kl, lm = [], [], [], []
         for r in runs:
             before, after = r["retention"]["before"], r["retention"]["after"]
-            avg_cloze.append(forgetting_score({"c": _ret(before, "mmlu_cloze", "acc")}, {"c": _ret(after, "mmlu_cloze", "acc")}))
+            measures = _forgetting(r)
+            avg_cloze.append(measures["cloze"])
             avg_letter.append(forgetting_score({"l": _ret(before, "mmlu", "acc")}, {"l": _ret(after, "mmlu", "acc")}))
-            kl.append(_ret(after, "mmlu_kl", "kl"))
-            lm.append(_ret(after, "mmlu_lm_loss", "lm_loss") - _ret(before, "mmlu_lm_loss", "lm_loss"))
+            kl.append(measures["kl"])
+            lm.append(measures["lm"])
         tried = {lr: v for lr, v in res["grid"].items() if not math.isnan(v)}
         grid = f" ({', '.join(f'{lr:g}: {v:.3f}' for lr, v in tried.items())})" if len(tried) > 1 else ""
         trainable = runs[0].get("trainable", {}).get("trainable_effective", "-")
