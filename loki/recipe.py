@@ -382,6 +382,8 @@ def finish(cfg: DictConfig, setup: Setup, model: nn.Module, retention_before: di
         "trainable": setup.loki_callback.summary() if setup.loki_callback else setup.notes["trainable"],
         "steps": int(trainer.global_step),
     }
+    val_loss = trainer.callback_metrics.get("val/loss")  # the last validation's loss: what an LR grid picks on
+    metrics["val_loss"] = float(val_loss) if val_loss is not None else None
     if cfg.evaluate.task and cfg.task.get("eval"):
         model = to_eval_device(setup, model)
         _record_device(setup, "task", model)

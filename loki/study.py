@@ -36,7 +36,7 @@ ARMS: dict[str, list[str]] = {
     "loki-q0.1": ["loki.q=0.1"],
     "loki-q0.2": ["loki.q=0.2"],
     "loki-q0.3": ["loki.q=0.3"],
-    "loki-q0.1-abs": ["loki.q=0.1", "loki.score=abs"],
+    "loki-q0.1-signed": ["loki.q=0.1", "loki.score=signed"],  # the score the default (abs) is not
     "global_lowest-q0.1": ["loki.q=0.1", "loki.strategy=global_lowest"],
     "global_highest-q0.1": ["loki.q=0.1", "loki.strategy=global_highest"],
     "layer_balanced_highest-q0.1": ["loki.q=0.1", "loki.strategy=layer_balanced_highest"],
@@ -54,12 +54,17 @@ def compose_train(overrides: Sequence[str]):
         return compose("train", overrides=list(overrides))
 
 
-def run_arm(name: str, seed: int, out_dir: Path, extra: Sequence[str], quick_steps: int | None) -> dict:
+def run_arm(name: str, seed: int, out_dir: Path, extra: Sequence[str], quick_steps: int | None, lr: float | None = None) -> dict:
+    """One arm, one seed: an ordinary train.py run under <out_dir>/<arm>[/lr<lr>]/seed<seed>, reused when finished."""
     from loki import recipe
 
+    arm = list(ARMS[name])
     run_dir = out_dir / name / f"seed{seed}"
+    if lr is not None:  # a point of the arm's LR grid: its own run dir, and this LR instead of the arm's
+        arm = [o for o in arm if not o.startswith("optimizer.lr=")] + [f"optimizer.lr={lr}"]
+        run_dir = out_dir / name / f"lr{lr:g}" / f"seed{seed}"
     overrides = [
-        *ARMS[name],
+        *arm,
         *extra,
         f"seed={seed}",
         f"paths.output_dir={run_dir}",
@@ -146,6 +151,28 @@ def suppression(extra: Sequence[str], seeds: Sequence[int], qs: Sequence[float] 
                 rows.append({"q": q, "rows": kind, "before": base, "after": after})
     model.load_state_dict(state)
     return rows
+
+
+def choose_lr(runs_by_lr: dict[float, dict]) -> float:
+    """The LR whose run ended with the lowest validation loss (ties: the smaller LR)."""
+    from loki.errors import LokiError
+
+    scored = {lr: m.get("val_loss") for lr, m in runs_by_lr.items()}
+    missing = [lr for lr, loss in scored.items() if loss is None or math.isnan(loss)]
+    if missing:
+        raise LokiError(f"the run at lr={missing[0]:g} has no val_loss in its metrics.json (a run from before it was recorded?); delete it and rerun.")
+    return min(scored, key=lambda lr: (scored[lr], lr))
+
+
+def grid_table(grids: dict[str, dict], task_metric: str) -> str:
+    """Markdown: each grid arm's first-seed validation loss and task metric per LR, the chosen LR in bold."""
+    lines = [f"LR grid (first seed; chosen by the lowest validation loss; {task_metric} shown, not used)", "",
+             f"| arm | lr | val loss | task {task_metric} |", "|---|---:|---:|---:|"]
+    for name, grid in grids.items():
+        for lr in sorted(grid["val_loss"]):
+            mark = "**" if lr == grid["chosen"] else ""
+            lines.append(f"| {name} | {mark}{lr:g}{mark} | {grid['val_loss'][lr]:.4f} | {grid['task'][lr]:.4f} |")
+    return "\n".join(lines)
 
 
 def _primary(metrics: dict, key_suffix: str) -> float:
@@ -251,14 +278,19 @@ def run_study(
     task_metric: str = "ndcg@10",
     graded: str = "logprob",
     overrides: Sequence[str] = (),
+    lr_grid: dict[str, Sequence[float]] | None = None,
 ) -> dict:
-    """Run the arms and the suppression check; write study.md / study.json / study.png under `out`."""
+    """Run the arms and the suppression check; write study.md / study.json / study.png under `out`.
+
+    `lr_grid` maps an arm to learning rates: the first seed runs at each, the lowest validation loss
+    chooses, and the other seeds run at the chosen one (arms not in it keep their configured LR)."""
     from loki.errors import LokiError
 
     arms = list(ARMS) if arms is None else list(arms)
-    unknown = [a for a in arms if a not in ARMS]
+    unknown = [a for a in [*arms, *(lr_grid or {})] if a not in ARMS]
     if unknown:
-        raise LokiError(f"arms must be a list of {', '.join(ARMS)}, got {unknown[0]!r}.")
+        raise LokiError(f"arms and lr_grid's keys must name arms of {', '.join(ARMS)}, got {unknown[0]!r}.")
+    lr_grid = {name: list(lrs) for name, lrs in (lr_grid or {}).items() if name in arms}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(threads))
@@ -266,11 +298,22 @@ def run_study(
     runs = {"base (no training)": [base_metrics(overrides)]}
     if compose_train(list(overrides)).task.eval.get("kind") == "reranker":  # the chance level of the task metric
         runs["random ranking"] = [random_ranking(overrides)]
-    runs.update({name: [run_arm(name, seed, out, overrides, quick) for seed in seeds] for name in arms})
+    grids = {}
+    for name in arms:
+        if name in lr_grid:  # pick the LR on the first seed's validation loss, then run every seed there
+            first = {float(lr): run_arm(name, seeds[0], out, overrides, quick, lr=float(lr)) for lr in lr_grid[name]}
+            chosen = choose_lr(first)
+            grids[name] = {"chosen": chosen, "val_loss": {lr: m.get("val_loss") for lr, m in first.items()},
+                           "task": {lr: _primary(m.get("task_metrics"), task_metric) for lr, m in first.items()}}
+            runs[name] = [first[chosen]] + [run_arm(name, seed, out, overrides, quick, lr=chosen) for seed in seeds[1:]]
+        else:
+            runs[name] = [run_arm(name, seed, out, overrides, quick) for seed in seeds]
     supp = suppression(overrides, seeds) if suppression_check else []
     text, table = summarise(runs, supp, task_metric, graded)
+    if grids:
+        text += "\n\n" + grid_table(grids, task_metric)
     (out / "study.md").write_text(text + "\n")
-    (out / "study.json").write_text(json.dumps({"table": table, "suppression": supp}, indent=2, default=float))
+    (out / "study.json").write_text(json.dumps({"table": table, "suppression": supp, "lr_grid": grids}, indent=2, default=float))
     if any("task" in row for row in table.values()):
         plot(table, out / "study.png", task_metric)
     print(text)
@@ -302,6 +345,7 @@ def main(cfg: DictConfig) -> None:
             task_metric=cfg.task_metric,
             graded=cfg.graded,
             overrides=list(cfg.overrides),
+            lr_grid={k: list(v) for k, v in (cfg.lr_grid or {}).items()},
         )
     GlobalHydra.instance().clear()
     try:

@@ -40,3 +40,34 @@ def test_ci_sized_study_shows_the_suppression_gap(tmp_path):
         assert costs == sorted(costs) and costs[-1] > 0.1, (kind, costs)
     assert (out / "study.md").read_text().startswith("| method")
     assert "| random ranking |" in (out / "study.md").read_text()
+
+
+def test_choose_lr_takes_the_lowest_validation_loss_and_the_smaller_lr_on_ties():
+    assert study.choose_lr({1e-3: {"val_loss": 0.9}, 3e-3: {"val_loss": 0.4}, 1e-2: {"val_loss": 0.7}}) == 3e-3
+    assert study.choose_lr({1e-2: {"val_loss": 0.5}, 1e-3: {"val_loss": 0.5}}) == 1e-3
+    from loki.errors import LokiError
+
+    with pytest.raises(LokiError, match="lr=0.01 has no val_loss"):
+        study.choose_lr({1e-3: {"val_loss": 0.5}, 1e-2: {}})
+
+
+@pytest.mark.slow
+def test_an_lr_grid_arm_runs_the_first_seed_at_every_lr_and_the_rest_at_the_chosen_one(tmp_path):
+    out = tmp_path / "study"
+    tiny = ["model=tiny", "task=tiny_rerank", f"paths.cache_dir={tmp_path / 'cache'}", "trainer.max_epochs=1"]
+    grid = [1e-4, 3e-2]
+    study.run_study(out=out, seeds=[0, 1], arms=["lora-r16"], quick=2, suppression_check=False, overrides=tiny,
+                    task_metric="ndcg@10", lr_grid={"lora-r16": grid})
+    losses = {lr: json.loads((out / "lora-r16" / f"lr{lr:g}" / "seed0" / "metrics.json").read_text())["val_loss"] for lr in grid}
+    assert losses[1e-4] != losses[3e-2]
+    chosen = min(grid, key=losses.get)
+    result = json.loads((out / "study.json").read_text())
+    assert result["lr_grid"]["lora-r16"]["chosen"] == chosen
+    # The second seed ran only at the chosen LR, and the table averages the two seeds there.
+    assert [p.parent.name for p in sorted(out.glob("lora-r16/*/seed1"))] == [f"lr{chosen:g}"]
+    assert result["table"]["lora-r16"]["seeds"] == 2
+    assert f"| lora-r16 | **{chosen:g}** |" in (out / "study.md").read_text()
+    from loki.errors import LokiError
+
+    with pytest.raises(LokiError, match="lr_grid's keys"):
+        study.run_study(out=out, seeds=[0], arms=[], lr_grid={"lora-r8": [1e-3]}, overrides=tiny)

@@ -116,3 +116,25 @@ def test_command_line_smoke_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"run dir: {run_dir}" in proc.stdout and (run_dir / "metrics.json").exists() and (run_dir / ".hydra").is_dir()
     assert (run_dir / "model" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_metrics_record_the_last_validation_loss(tmp_path):
+    # One whole epoch, so the last validation sees the final weights, which the export holds too.
+    metrics, run_dir = _train(tmp_path, "loki.q=0.25", "trainer.max_steps=-1", "trainer.max_epochs=1")
+    from hydra.utils import instantiate  # the task's loader, built as train.py builds it
+    from transformers import AutoTokenizer
+
+    cfg = compose_config("train", *TINY, f"paths.cache_dir={tmp_path / 'cache'}")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    datamodule = instantiate(cfg.task.data, tokenizer=tokenizer, seed=cfg.seed)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    tuned = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
+    total, count = 0.0, 0
+    with torch.no_grad():  # Lightning's epoch mean: each batch's token-mean loss, weighted by its rows
+        for batch in datamodule.val_dataloader():
+            loss = tuned(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"]).loss
+            total, count = total + float(loss) * len(batch["input_ids"]), count + len(batch["input_ids"])
+    assert count > 0 and metrics["val_loss"] == pytest.approx(total / count, rel=1e-4)
+    assert json.loads((run_dir / "metrics.json").read_text())["val_loss"] == metrics["val_loss"]
