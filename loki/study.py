@@ -31,7 +31,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # arm name -> Hydra overrides of train.yaml (q=0.1 is the ablations' reference point, as in the paper)
 ARMS: dict[str, list[str]] = {
     "full": ["loki=off"],
-    "lora-r16": ["loki=off", "lora=r16", "optimizer.lr=${model.loki_lr}"],  # LoRA, like LoKI, wants a larger step
+    "lora-r16": ["loki=off", "lora=r16", "optimizer.lr=${model.loki_lr}"],  # outside lr_grid: LoKI's step (conf/study.yaml grids LoRA's own)
     "loki-q0.05": ["loki.q=0.05"],
     "loki-q0.1": ["loki.q=0.1"],
     "loki-q0.2": ["loki.q=0.2"],
