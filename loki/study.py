@@ -165,13 +165,26 @@ def choose_lr(runs_by_lr: dict[float, dict]) -> float:
 
 
 def grid_table(grids: dict[str, dict], task_metric: str) -> str:
-    """Markdown: each grid arm's first-seed validation loss and task metric per LR, the chosen LR in bold."""
-    lines = [f"LR grid (first seed; chosen by the lowest validation loss; {task_metric} shown, not used)", "",
-             f"| arm | lr | val loss | task {task_metric} |", "|---|---:|---:|---:|"]
+    """Markdown: each grid arm's first-seed runs per LR (chosen LR in bold), then forgetting at an equal task metric.
+
+    Every LR is a (task metric, forgetting) point. The level is the highest task metric that every grid arm
+    reaches with some LR; each arm's entry is the least forgetting Avg among its points that reach it, so a
+    method is not judged by where its LR happened to land."""
+    lines = [f"LR grid (first seed; chosen by the lowest validation loss; {task_metric} shown, not used to choose)", "",
+             f"| arm | lr | val loss | task {task_metric} | forgetting Avg (acc, %) | logprob drop (nats) |",
+             "|---|---:|---:|---:|---:|---:|"]
     for name, grid in grids.items():
         for lr in sorted(grid["val_loss"]):
             mark = "**" if lr == grid["chosen"] else ""
-            lines.append(f"| {name} | {mark}{lr:g}{mark} | {grid['val_loss'][lr]:.4f} | {grid['task'][lr]:.4f} |")
+            lines.append(f"| {name} | {mark}{lr:g}{mark} | {grid['val_loss'][lr]:.4f} | {grid['task'][lr]:.4f} | "
+                         f"{grid['forgetting'][lr]:.1f} | {grid['graded_forgetting'][lr]:.4f} |")
+    level = min(max(grid["task"].values()) for grid in grids.values())
+    lines += ["", f"Forgetting at an equal task metric: {task_metric} >= {level:.4f} (the highest level every grid arm reaches)", "",
+              "| arm | lr | task | forgetting Avg (acc, %) | logprob drop (nats) |", "|---|---:|---:|---:|---:|"]
+    for name, grid in grids.items():
+        reach = [lr for lr in grid["task"] if grid["task"][lr] >= level]
+        lr = min(reach, key=lambda x: (grid["forgetting"][x], x))
+        lines.append(f"| {name} | {lr:g} | {grid['task'][lr]:.4f} | {grid['forgetting'][lr]:.1f} | {grid['graded_forgetting'][lr]:.4f} |")
     return "\n".join(lines)
 
 
@@ -304,7 +317,10 @@ def run_study(
             first = {float(lr): run_arm(name, seeds[0], out, overrides, quick, lr=float(lr)) for lr in lr_grid[name]}
             chosen = choose_lr(first)
             grids[name] = {"chosen": chosen, "val_loss": {lr: m.get("val_loss") for lr, m in first.items()},
-                           "task": {lr: _primary(m.get("task_metrics"), task_metric) for lr, m in first.items()}}
+                           "task": {lr: _primary(m.get("task_metrics"), task_metric) for lr, m in first.items()},
+                           "forgetting": {lr: float(m["forgetting"]["avg"]) for lr, m in first.items()},
+                           "graded_forgetting": {lr: _graded_forgetting(m["retention"]["before"], m["retention"]["after"], graded)
+                                                 for lr, m in first.items()}}
             runs[name] = [first[chosen]] + [run_arm(name, seed, out, overrides, quick, lr=chosen) for seed in seeds[1:]]
         else:
             runs[name] = [run_arm(name, seed, out, overrides, quick) for seed in seeds]

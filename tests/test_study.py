@@ -71,3 +71,20 @@ def test_an_lr_grid_arm_runs_the_first_seed_at_every_lr_and_the_rest_at_the_chos
 
     with pytest.raises(LokiError, match="lr_grid's keys"):
         study.run_study(out=out, seeds=[0], arms=[], lr_grid={"lora-r8": [1e-3]}, overrides=tiny)
+
+
+def test_grid_table_compares_forgetting_at_the_highest_task_level_every_arm_reaches():
+    def grid(task, forgetting, chosen):
+        return {"chosen": chosen, "val_loss": {lr: 1.0 for lr in task}, "task": task, "forgetting": forgetting,
+                "graded_forgetting": {lr: f / 100 for lr, f in forgetting.items()}}
+
+    grids = {
+        "a": grid({1e-3: 0.60, 3e-3: 0.69, 1e-2: 0.70}, {1e-3: 10.0, 3e-3: 30.0, 1e-2: 50.0}, 1e-2),
+        "b": grid({1e-4: 0.68, 1e-3: 0.66}, {1e-4: 5.0, 1e-3: 20.0}, 1e-3),
+    }
+    text = study.grid_table(grids, "ndcg@10")
+    # The level is b's best (0.68): a reaches it at 3e-3 (30 %) and 1e-2 (50 %), so 3e-3; b only at 1e-4.
+    assert ">= 0.6800" in text
+    assert "| a | 0.003 | 0.6900 | 30.0 | 0.3000 |" in text
+    assert "| b | 0.0001 | 0.6800 | 5.0 | 0.0500 |" in text
+    assert "| a | **0.01** |" in text and "| b | **0.001** |" in text
