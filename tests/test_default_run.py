@@ -1,7 +1,7 @@
 """`python train.py` with no arguments (the toy default: analyse, select, implant at q = 0.1, evaluate) learns
 the task: NDCG@10 well above a random ranking of the candidates (0.392), on the shipped reference toy.
-About 0.67 when written (one epoch, 357 steps at lr 3e-2); about 2 minutes of training on an idle core, 6 on
-a busy shared machine."""
+Measured 0.679 / 0.670 / 0.686 for seeds 0 / 1 / 2 (one epoch, 357 steps at lr 1e-2, docs/study.md); about 2
+minutes of training on an idle core, 6 on a busy shared machine."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def test_the_default_run_beats_a_random_ranking(tmp_path):
     chance = random_ranking_metrics(compose_config("train").task.eval, shuffles=0)["ndcg@10"]
     assert 0.38 < chance < 0.40  # the toy's 20 queries x 100 candidates: 0.392
     ndcg = metrics["task_metrics"]["ndcg@10"]
-    assert ndcg >= 0.5, (ndcg, chance)
-    # The toy's facts are damaged but not wiped out: the untrained toy answers 98 % of the held-out questions,
-    # this run about 50 % (chance is 25 %; full fine-tuning leaves about 30 %, see docs/study.md).
-    assert metrics["retention"]["after"]["retention/toy_facts/acc"] >= 0.4, metrics["retention"]
+    assert ndcg >= 0.6, (ndcg, chance)
+    # Most of the toy's facts survive: the untrained toy answers 98 % of the held-out questions, this run 82-84 %
+    # over seeds 0-2 (chance is 25 %; full fine-tuning at its chosen lr leaves 30-36 %, see docs/study.md).
+    assert metrics["retention"]["after"]["retention/toy_facts/acc"] >= 0.7, metrics["retention"]
