@@ -76,9 +76,17 @@ def run_arm(name: str, seed: int, out_dir: Path, extra: Sequence[str], quick_ste
     if quick_steps:
         overrides.append(f"trainer.max_steps={quick_steps}")
     cfg = compose_train(overrides)
-    metrics_file = run_dir / "metrics.json"
-    if metrics_file.exists():  # resumable: a finished arm is not rerun
+    metrics_file, settings_file = run_dir / "metrics.json", run_dir / "study_overrides.json"
+    if metrics_file.exists():  # resumable: a finished arm is not rerun, but only under the settings it ran with
+        if settings_file.exists() and json.loads(settings_file.read_text()) != overrides:
+            from loki.errors import LokiError
+
+            ran = json.loads(settings_file.read_text())
+            changed = sorted(set(overrides) ^ set(ran))
+            raise LokiError(f"{run_dir} finished under other settings ({', '.join(changed)}); pass another out= or delete that run.")
         return json.loads(metrics_file.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings_file.write_text(json.dumps(overrides, indent=1))
     return recipe.run(cfg)
 
 

@@ -88,3 +88,15 @@ def test_grid_table_compares_forgetting_at_the_highest_task_level_every_arm_reac
     assert "| a | 0.003 | 0.6900 | 30.0 | 0.3000 |" in text
     assert "| b | 0.0001 | 0.6800 | 5.0 | 0.0500 |" in text
     assert "| a | **0.01** |" in text and "| b | **0.001** |" in text
+
+
+@pytest.mark.slow
+def test_a_finished_arm_is_reused_only_under_the_settings_it_ran_with(tmp_path):
+    out = tmp_path / "study"
+    tiny = ["model=tiny", "task=tiny_rerank", f"paths.cache_dir={tmp_path / 'cache'}", "trainer.max_epochs=1"]
+    first = study.run_arm("full", 0, out, tiny, 1)
+    assert study.run_arm("full", 0, out, tiny, 1) == first  # same settings: the finished run is read back
+    from loki.errors import LokiError
+
+    with pytest.raises(LokiError, match=r"other settings \(optimizer.lr=0.5\)"):
+        study.run_arm("full", 0, out, [*tiny, "optimizer.lr=0.5"], 1)
