@@ -130,11 +130,20 @@ def test_metrics_record_the_last_validation_loss(tmp_path):
     datamodule = instantiate(cfg.task.data, tokenizer=tokenizer, seed=cfg.seed)
     datamodule.prepare_data()
     datamodule.setup("fit")
+
+    def val_loss(model) -> float:  # Lightning's epoch mean: each batch's token-mean loss, weighted by its rows
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in datamodule.val_dataloader():
+                loss = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"]).loss
+                total, count = total + float(loss) * len(batch["input_ids"]), count + len(batch["input_ids"])
+        assert count > 0
+        return total / count
+
+    from loki.models import load_model_and_tokenizer
+
     tuned = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
-    total, count = 0.0, 0
-    with torch.no_grad():  # Lightning's epoch mean: each batch's token-mean loss, weighted by its rows
-        for batch in datamodule.val_dataloader():
-            loss = tuned(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"]).loss
-            total, count = total + float(loss) * len(batch["input_ids"]), count + len(batch["input_ids"])
-    assert count > 0 and metrics["val_loss"] == pytest.approx(total / count, rel=1e-4)
+    assert metrics["val_loss"] == pytest.approx(val_loss(tuned), rel=1e-4)
+    base, _ = load_model_and_tokenizer(cfg.model)  # the run's starting point: a loss recorded before training differs
+    assert metrics["val_loss"] != pytest.approx(val_loss(base.eval()), rel=1e-3)
     assert json.loads((run_dir / "metrics.json").read_text())["val_loss"] == metrics["val_loss"]
