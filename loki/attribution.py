@@ -33,11 +33,16 @@ def check_kva_settings(kva: dict) -> dict:
     steps = kva.get("steps")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise LokiError(f"kva.steps must be a positive integer, got {steps!r}.")
+    kva = dict(kva)
+    # The config calls the KVA variant `kva.variant`; `kva.recipe` is its old name (still read, and it wins,
+    # since a user typed it). Inside, it is `recipe`: loki.kva.attribute's argument and the stores' meta key.
+    variant = kva.pop("variant", None)
+    recipe = kva.get("recipe") or variant or "paper"
     try:
-        scope, times_activation = resolve_recipe(kva.get("recipe") or "paper", kva.get("scope"), kva.get("times_activation"), steps)
+        scope, times_activation = resolve_recipe(recipe, kva.get("scope"), kva.get("times_activation"), steps)
     except LokiError as err:  # name the config keys
         raise LokiError(f"kva settings do not fit together: {err}") from None
-    return {**kva, "recipe": kva.get("recipe") or "paper", "scope": scope, "times_activation": times_activation}
+    return {**kva, "recipe": recipe, "scope": scope, "times_activation": times_activation}
 
 
 PROMPT_STYLES = ("letter", "cloze")

@@ -8,6 +8,7 @@ the two never disagree.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,21 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from loki.errors import LokiError
+from loki import schema
+
+schema.register()  # the typed group schemas, in Hydra's ConfigStore before any config is composed
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+_WARNED: set[str] = set()
+
+
+def warn_renamed(old: str, new: str) -> None:
+    """One line, once per process, for a config key that was renamed but is still read."""
+    if old not in _WARNED:
+        _WARNED.add(old)
+        warnings.warn(f"{old} is deprecated: it is now {new} ({old} still works for now).", FutureWarning, stacklevel=3)
 
 
 class _Checker:
@@ -125,7 +139,11 @@ def _check_kva_and_data(c: _Checker) -> None:
     from loki.attribution import PROMPT_STYLES, TARGET_MODES
     from loki.kva import OBJECTIVES, SCOPES
 
-    c.one_of("kva.recipe", getattr(loki.kva, "RECIPES", ("paper",)))
+    if c.get("kva.recipe") is not None:  # the old name of kva.variant: still read, with a warning
+        warn_renamed("kva.recipe", "kva.variant")
+        c.one_of("kva.recipe", loki.kva.RECIPES)
+    else:
+        c.one_of("kva.variant", loki.kva.RECIPES)
     c.integer("kva.steps", low=1)
     c.one_of("kva.scope", SCOPES, optional=True)
     c.one_of("kva.objective", OBJECTIVES)
@@ -167,6 +185,86 @@ def check_attribute_config(cfg: DictConfig) -> None:
     c.integer("trainer.num_nodes", low=1)
 
 
+def _check_peft(c: _Checker) -> None:
+    """The `lora` group's variant keys (loki.peft_methods): which peft baseline, and its own settings."""
+    from loki.peft_methods import CORDA_METHODS, VARIANTS
+
+    variant = c.get("lora.variant")
+    if variant is None:  # a lora config written before variants existed: plain LoRA
+        return
+    c.one_of("lora.variant", VARIANTS)
+    if variant == "lora":
+        return
+    if c.get("loki.enabled"):
+        raise LokiError(f"lora.variant={variant} runs only with loki=off (LoKI trains plain LoRA on its rows); use lora=r16 with LoKI, or loki=off.")
+    if variant == "osf":
+        value = c.get("lora.effective_rank")
+        if value is not None and (isinstance(value, bool) or not (isinstance(value, int) and value >= 1 or isinstance(value, float) and 0 < value <= 1)):
+            c.fail("lora.effective_rank", "an integer >= 1, a fraction in (0, 1], or null", value)
+        return
+    c.integer("lora.rank", low=1)
+    if variant == "pissa":
+        c.integer("lora.pissa_niter", low=1, optional=True)
+    if variant == "corda":
+        c.one_of("lora.corda_method", CORDA_METHODS)
+        _check_kva_and_data(c)  # the knowledge set is the attribution prompts
+        if c.get("evaluate.retention"):
+            from loki.eval import check_disjoint
+
+            check_disjoint(c.get("data"), c.get("eval"))  # CorDA must not preserve exactly what retention measures
+
+
+# DataModules built on the chat SFT loader -> their own keys beside ChatDataConfig's
+CHAT_DATA_MODULES = {
+    schema.CHAT_DATA_TARGET: ((), {}),
+    "loki.toy.facts_task.FactsDataModule": (("facts_seed", "facts_lands"), {"path": "train.jsonl"}),  # it writes its file
+}
+
+
+def _check_task(c: _Checker) -> None:
+    """`task.*`: its name, its training data's target, and its evaluator's settings and primary metric
+    (by the kind's schema in loki.tasks), before anything loads."""
+    from loki import checks
+    from loki.tasks import eval_config
+
+    task = c.get("task")
+    if not isinstance(task, dict):
+        c.fail("task", "a task config (conf/task/)", task)
+    checks.text("task.name", task.get("name"))
+    if "primary" in task:  # the pre-task-interface spelling of conf/task/toy_facts.yaml
+        raise LokiError(f"task.primary is no longer read; the primary metric is task.eval.primary (got task.primary={task['primary']!r}).")
+    data = task.get("data")
+    if data is not None and not (isinstance(data, dict) and isinstance(data.get("_target_"), str)):
+        c.fail("task.data", "null or a DataModule config with a _target_", data)
+    if data is not None and data["_target_"] in CHAT_DATA_MODULES:  # another DataModule checks its own settings
+        extra, filled = CHAT_DATA_MODULES[data["_target_"]]
+        schema.validate_chat_data(data, extra=extra, filled=filled)
+    if task.get("eval") is not None:
+        eval_config(task["eval"])
+
+
+PEFT_ADAPTER_VARIANTS = ("lora", "dora")  # peft variants whose save_pretrained applies to the unchanged base
+
+
+def _check_export(c: _Checker) -> None:
+    """export.format: full | adapter | none; the older export=true|false still works, with one warning line."""
+    from loki.implant.adapter import EXPORT_FORMATS
+
+    value = c.get("export")
+    if isinstance(value, bool):
+        warn_renamed(f"export={str(value).lower()}", f"export.format={'full' if value else 'none'}")
+        return
+    if not isinstance(value, dict):
+        c.fail("export", "a block {format: full|adapter|none} (export.format=...)", value)
+    fmt = c.one_of("export.format", EXPORT_FORMATS)
+    if fmt == "adapter" and not c.get("loki.enabled"):
+        if int(c.get("lora.rank") or 0) == 0:
+            c.fail("export.format", "full or none for a full fine-tuning (loki=off without LoRA changes every weight, so it has no adapter)", fmt)
+        variant = c.get("lora.variant") or "lora"
+        if variant not in PEFT_ADAPTER_VARIANTS:
+            c.fail("export.format", f"full or none with lora.variant={variant} (its peft adapter needs a converted base; adapters exist for {', '.join(PEFT_ADAPTER_VARIANTS)})", fmt)
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Every value `train.py` reads, checked before any data or model is loaded."""
     from loki.implant import IMPLS
@@ -186,15 +284,20 @@ def check_train_config(cfg: DictConfig) -> None:
     c.number("lr_schedule.warmup_ratio", 0, 1, high_open=True)
     c.number("lr_schedule.min_ratio", 0, 1)
     c.positive("optimizer.lr")
-    for key in ("evaluate.retention", "evaluate.task", "evaluate.validation_task_metric", "export"):
+    for key in ("evaluate.retention", "evaluate.task", "evaluate.validation_task_metric"):
         c.boolean(key)
+    _check_export(c)
+    schema.validate_evaluate(c.get("evaluate"))
+    _check_task(c)
     if c.get("evaluate.retention"):
+        schema.validate_retention(c.get("eval"))  # every benchmark's settings, by the schema
         from loki.eval.lm_harness import require_lm_eval
 
         require_lm_eval(c.get("eval").get("lm_eval"))
     ckpt = c.get("ckpt_path")
     if ckpt is not None and not Path(str(ckpt)).expanduser().is_file():
         c.fail("ckpt_path", "an existing checkpoint file (or null)", ckpt)
+    _check_peft(c)
     if not c.get("loki.enabled"):
         return
     c.one_of("loki.impl", IMPLS)
@@ -213,7 +316,9 @@ def check_train_config(cfg: DictConfig) -> None:
         c.number("loki.q", 0, 1, low_open=True, high_open=True, optional=True)
         if not isinstance(positions, str) or not Path(positions).expanduser().is_file():
             c.fail("loki.positions", "null, published, or an existing positions JSON file", positions)
-    if positions is None:
+    from loki.select import NO_SCORE_STRATEGIES
+
+    if positions is None and c.get("loki.strategy") not in NO_SCORE_STRATEGIES:  # the controls read no store
         scores = c.get("loki.scores")
         if scores != "auto":
             from loki.store import ScoreStore

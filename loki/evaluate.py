@@ -1,8 +1,10 @@
 """Re-evaluate an exported run: `python -m loki.evaluate run_dir=<run dir> [+key=value ...]` (a Hydra app).
 
-Loads `<run_dir>/model` (a plain Hugging Face checkpoint) and `<run_dir>/.hydra/config.yaml`, applies
-`+key=value` overrides to that saved config (leaves only, e.g. `+eval.benchmarks.mmlu.max_samples=100`
-or `+task.eval.path=/data/scifact`; config groups cannot be swapped here), reruns the task and the
+Loads `<run_dir>/model` (a plain Hugging Face checkpoint) and the run's saved config (`<run_dir>/config.yaml`,
+resolved, which train.py writes wherever paths.output_dir points; else Hydra's `<run_dir>/.hydra/config.yaml`
+of older runs), applies `+key=value` overrides to that saved config (leaves only, e.g.
+`+eval.benchmarks.mmlu.max_samples=100` or `+task.eval.path=/data/scifact`; config groups cannot be
+swapped here), reruns the task and the
 retention evaluation, recomputes the forgetting score against the `retention.before` stored in
 `<run_dir>/metrics.json`, rewrites that file and prints the table. `device=cpu|cuda` picks the device.
 """
@@ -19,6 +21,17 @@ from omegaconf import DictConfig, OmegaConf
 from loki.errors import LokiError
 
 
+def run_config_file(run_dir: Path) -> Path:
+    """The config a run dir was trained with: its own resolved config.yaml, else Hydra's .hydra/config.yaml."""
+    for candidate in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise LokiError(
+        f"run dir '{run_dir}' has no config.yaml (train.py's resolved config) and has no .hydra/config.yaml (older runs); "
+        "pass run_dir=<a train.py run dir>."
+    )
+
+
 def evaluate_run(run_dir: str | Path, overrides: list[str] | dict | None = None, device: str | None = None) -> dict:
     """Re-evaluate `run_dir`; `overrides`: a dotlist (["a.b=1"]) or a nested dict merged onto its saved config."""
     import torch
@@ -27,16 +40,14 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | dict | None = None,
     from loki.eval import format_report, forgetting_report, run_retention, run_task_eval
 
     run_dir = Path(run_dir)
-    config_file, model_dir = run_dir / ".hydra" / "config.yaml", run_dir / "model"
-    if not config_file.is_file():
-        raise LokiError(f"run dir '{run_dir}' has no .hydra/config.yaml; pass run_dir=<a train.py run dir>.")
+    config_file, model_dir = run_config_file(run_dir), run_dir / "model"
     if not model_dir.is_dir():
         raise LokiError(f"run dir '{run_dir}' has no exported model/ (was it trained with export=false?).")
     cfg = OmegaConf.load(config_file)
     if overrides:
         patch = OmegaConf.create(overrides) if isinstance(overrides, dict) else OmegaConf.from_dotlist(list(overrides))
         cfg = OmegaConf.merge(cfg, patch)
-    # The saved config still holds ${hydra:...} interpolations; only the task and eval sections are needed.
+    # A .hydra/config.yaml still holds ${hydra:...} interpolations; only the task and eval sections are needed.
     task_eval = cfg.task.get("eval") if "task" in cfg else None
     retention_cfg = cfg.get("eval")
 

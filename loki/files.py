@@ -1,9 +1,12 @@
 """Writing files safely when several processes (DDP ranks, sweep jobs, test workers) share a cache:
-an exclusive lock, an atomic file write, and an atomic move of a finished directory into place."""
+an exclusive lock, an atomic file write, and an atomic move of a finished directory into place; and the
+one digest that names a cache entry after the settings it was made under (`settings_digest`)."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -40,3 +43,9 @@ def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def settings_digest(obj, length: int = 16) -> str:
+    """The project's cache key: sha256 of `obj` as sorted-key JSON (anything JSON cannot encode as its
+    str()), hex, cut to `length` characters. Equal settings give the same key in every process."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]

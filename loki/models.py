@@ -93,11 +93,33 @@ def _load_pretrained(name: Any, dtype: torch.dtype | None, attn: dict | None = N
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **(attn or {}))
     except OSError as err:
+        if _is_gated(err):
+            raise LokiError(
+                f"model.pretrained={name} is a gated repository on the Hugging Face hub: accept its licence on "
+                f"https://huggingface.co/{name} and run `hf auth login` with that account (or pass "
+                "model.pretrained=/path/to/a/local/checkpoint)."
+            ) from None
         raise LokiError(
             f"could not load model '{name}' (no hub access and no local copy: {str(err).splitlines()[0][:160]}); "
             "pass model.pretrained=/path/to/a/local/checkpoint, or use model=tiny, model=toy or model=smollm135m offline."
         ) from None
     return model, tokenizer
+
+
+def _is_gated(err: BaseException) -> bool:
+    """huggingface_hub's GatedRepoError (an OSError), raised as is or wrapped by transformers in an OSError."""
+    try:
+        from huggingface_hub.errors import GatedRepoError
+    except ImportError:  # older huggingface_hub
+        from huggingface_hub.utils import GatedRepoError
+    seen: set[int] = set()
+    chain: BaseException | None = err
+    while chain is not None and id(chain) not in seen:
+        if isinstance(chain, GatedRepoError):
+            return True
+        seen.add(id(chain))
+        chain = chain.__cause__ or chain.__context__
+    return False
 
 
 # --- GGUF: weights a package index serves, dequantized once and cached as safetensors -------------------

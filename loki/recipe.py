@@ -24,12 +24,15 @@ from torch import nn
 import loki.toy  # noqa: F401  registers the ${toy:...} resolver that toy configs use
 from loki import arch
 from loki.errors import LokiError
+from loki.implant.adapter import export_format, save_adapter, save_peft_adapter
 from loki.models import apply_memory_options, load_model_and_tokenizer
 from loki.config import check_train_config
 from loki.device import is_rank_zero
 from loki.lightning.module import CausalLMModule
 from loki.lightning.sharding import CompileForTraining, FullModelGather, release_process_group
+from loki.peft_methods import uses_peft
 from loki.store import safe_name
+from loki.tasks import Task
 from loki.positions import Positions, check_q, load_positions, rows_per_layer, save_positions, validate_positions
 
 log = logging.getLogger(__name__)
@@ -37,10 +40,13 @@ log = logging.getLogger(__name__)
 PUBLISHED_DIR = Path(__file__).parent / "published"
 
 
-def method_label(loki_enabled: bool, lora_rank: int, q: float | None, strategy: str | None) -> str:
-    """Short label of what trains: full, lora-r16, loki-q0.1, loki-q0.1-global_lowest+lora-r16 ..."""
+def method_label(loki_enabled: bool, lora_rank: int, q: float | None, strategy: str | None, variant: str = "lora") -> str:
+    """Short label of what trains: full, lora-r16, dora-r16, osf, loki-q0.1, loki-q0.1-global_lowest+lora-r16 ..."""
     if not loki_enabled:
-        return f"lora-r{int(lora_rank)}" if lora_rank else "full"
+        from loki.peft_methods import method_name, uses_peft
+
+        variant = variant or "lora"
+        return method_name(variant, lora_rank) if uses_peft(False, variant, lora_rank or 0) else "full"
     label = f"loki-q{q:g}" if q is not None else "loki-positions"  # a positions file may come without q
     if strategy and strategy != "layer_balanced":
         label += f"-{strategy}"
@@ -87,6 +93,17 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
                 )
         return positions, f"positions file {path}"
     check_q(q)
+    strategy = loki_cfg.get("strategy", "layer_balanced")
+    if strategy in ("random", "smallest_norm"):  # the cheap controls read no score store: no attribution runs
+        from loki.select import random_positions, smallest_norm_positions
+
+        if strategy == "random":
+            positions = random_positions(d.num_layers, d.hidden_size, q, seed=int(loki_cfg.get("seed", 0)))
+            source = f"random selection (seed {int(loki_cfg.get('seed', 0))}), no attribution"
+        else:
+            positions = smallest_norm_positions((proj.weight for proj in arch.down_projs(model)), q)
+            source = "smallest_norm selection (down_proj row norms), no attribution"
+        return validate_positions(positions, d.num_layers, d.hidden_size), source
     from loki import analysis
     from loki.attribution import prompt_format
     from loki.select import select_positions
@@ -153,13 +170,51 @@ def run(cfg: DictConfig) -> dict:
     start_logging(cfg, built)  # resolved config as hyperparameters; the telemetry callback
     retention_before = evaluate_retention(cfg, built, stage="before")
     module = build_module(cfg, built)
-    trainer = instantiate(cfg.trainer, callbacks=built.callbacks, logger=built.logger, default_root_dir=built.run_dir)
+    trainer = instantiate(cfg.trainer, **trainer_options(cfg, built))
     trainer.fit(module, datamodule=built.datamodule, ckpt_path=cfg.get("ckpt_path"))
     release_process_group(trainer)  # rank 0 evaluates alone from here; the other ranks return and exit
     if not trainer.is_global_zero:
         return {}
+    if built.peft_lora and export_format(cfg.export) == "adapter":  # peft's own adapter, before plain_model merges it
+        save_peft_adapter(built.gathered_model if built.gathered_model is not None else module.model, built.run_dir / "adapter", cfg.model.name)
     model = plain_model(module, built)
     return finish(cfg, built, model, retention_before, trainer, started)
+
+
+def trainer_options(cfg: DictConfig, setup: Setup) -> dict:
+    """The Trainer arguments that make a run do only what its config says: no logger at all for
+    `logger=none` (Lightning reads logger=None as "the default logger" and writes lightning_logs/), no
+    checkpoint unless a configured ModelCheckpoint asks for one (Lightning adds its own otherwise), and
+    a training bar whose label is right for step budgets. An explicit trainer.enable_checkpointing wins."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+
+    from loki.lightning.progress import train_progress_bar
+
+    callbacks = list(setup.callbacks)
+    if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        bar = train_progress_bar()
+        callbacks += [bar] if bar is not None else []
+    options = {"callbacks": callbacks, "logger": setup.logger if setup.logger is not None else False, "default_root_dir": setup.run_dir}
+    if cfg.trainer.get("enable_checkpointing") is None:
+        options["enable_checkpointing"] = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    return options
+
+
+def save_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
+    """`<run_dir>/config.yaml`: the run's config, resolved, so the run dir alone says what ran (loki.evaluate
+    reads it) wherever paths.output_dir points (Hydra's .hydra/ stays in Hydra's own run dir). A key only
+    Hydra can resolve (in-process use) is kept unresolved rather than failing the run."""
+    from loki.files import write_atomic
+
+    resolved: dict = {}
+    for key in cfg:
+        try:
+            node = cfg[key]
+            resolved[key] = OmegaConf.to_container(node, resolve=True, enum_to_str=True) if OmegaConf.is_config(node) else node
+        except Exception as err:  # an interpolation only Hydra can resolve (in-process use)
+            log.warning("config.yaml: '%s' kept unresolved (%s).", key, err)
+            resolved[key] = OmegaConf.to_container(cfg, resolve=False)[key]
+    return write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)).encode())
 
 
 @dataclass
@@ -178,8 +233,9 @@ class Setup:
     loki_callback: Any = None
     peft_lora: bool = False
     notes: dict = field(default_factory=dict)
+    task: Any = None  # loki.tasks.Task: training data, evaluator, primary metric
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where evaluation runs
-    lora_config: Any = None  # the peft LoraConfig of the peft baseline (rebuilt after an FSDP gather)
+    lora_config: Any = None  # the peft config of the peft baseline (LoraConfig or OSFConfig; rebuilt after an FSDP gather)
     gathered_model: nn.Module | None = None  # FSDP: the full trained model rebuilt on rank 0 at fit end
 
 
@@ -190,19 +246,62 @@ def _lora_alpha(cfg: DictConfig) -> float | None:
     return float(cfg.lora.alpha) if cfg.lora.alpha is not None else 2.0 * int(cfg.lora.rank)
 
 
+def _peft_model(cfg: DictConfig, model: nn.Module, tokenizer: Any, device: torch.device) -> tuple[nn.Module, Any]:
+    """The peft baseline of the `lora` group (loki=off): LoRA, DoRA, PiSSA, CorDA or OSF, and its peft config.
+
+    CorDA's knowledge set is the attribution prompts (the `data` group), which retention never reads; its
+    decomposition is cached per model, prompts, rank, targets and mode, so an LR grid computes it once."""
+    from loki.peft_methods import apply_peft, build_peft_config, corda_cache_path
+
+    lora = cfg.lora
+    variant = lora.get("variant", "lora")
+    targets = OmegaConf.to_container(lora.target_modules) if OmegaConf.is_config(lora.target_modules) else lora.target_modules
+    knowledge, cache_file = None, None
+    if variant == "corda":
+        from loki import analysis
+
+        _, data = analysis.settings(cfg)
+        model_key = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in _SPEED_ONLY_MODEL_KEYS}
+        key = {"model": model_key, "data": data, "rank": int(lora.rank), "targets": targets, "method": lora.get("corda_method", "kpm")}
+        cache_file = corda_cache_path(cfg.paths.cache_dir, cfg.model.name, key)
+        if not cache_file.is_file():
+            from loki.attribution import build_prompts
+
+            rows = analysis.load_rows(data)
+            prompts = build_prompts(rows, tokenizer, system_prompt=data.get("system_prompt"), style=data.get("prompt") or "letter")
+            knowledge = [p["input_ids"] for p in prompts]
+            log.info("CorDA: decomposing the target weights over %d attribution prompts (cached at %s).", len(knowledge), cache_file)
+        model.to(device)  # the pass over the knowledge set runs where training will
+    config = build_peft_config(
+        variant,
+        int(lora.rank),
+        _lora_alpha(cfg),
+        float(lora.dropout),
+        targets,
+        pissa_niter=lora.get("pissa_niter"),
+        corda_method=lora.get("corda_method", "kpm"),
+        corda_cache_file=cache_file,
+        effective_rank=lora.get("effective_rank"),
+    )
+    return apply_peft(model, config, knowledge), config
+
+
 def setup(cfg: DictConfig) -> Setup:
     check_train_config(cfg)  # every user-facing value, before any data or model is loaded
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if is_rank_zero():
+        save_resolved_config(cfg, run_dir)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     arch.dims(model)  # an unsupported architecture stops here, with the list of supported ones
     memory = apply_memory_options(model, cfg.model)  # gradient checkpointing now; compile at fit (below)
-    method = method_label(cfg.loki.enabled, cfg.lora.rank, cfg.loki.q, cfg.loki.strategy)
+    method = method_label(cfg.loki.enabled, cfg.lora.rank, cfg.loki.q, cfg.loki.strategy, cfg.lora.get("variant", "lora"))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and c.get("_target_")]
     logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else None
     if logger is None:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     out = Setup(run_dir=run_dir, model=model, tokenizer=tokenizer, method=method, datamodule=None, callbacks=callbacks, logger=logger)
+    out.task = Task.from_config(cfg.task)
     out.device = eval_device(cfg)
     out.notes["memory"] = memory
     out.notes["devices"] = {}
@@ -222,28 +321,19 @@ def setup(cfg: DictConfig) -> Setup:
         )
         check_positions(model, out.positions, int(cfg.lora.rank))  # lora.rank > k fails now, before data loading
         out.callbacks.insert(0, out.loki_callback)
-    elif int(cfg.lora.rank) > 0:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=int(cfg.lora.rank),
-            lora_alpha=_lora_alpha(cfg),
-            lora_dropout=float(cfg.lora.dropout),
-            target_modules=cfg.lora.target_modules,
-            task_type="CAUSAL_LM",
-        )
-        out.model = get_peft_model(model, lora)
-        out.peft_lora, out.lora_config = True, lora
+    elif uses_peft(False, cfg.lora.get("variant", "lora"), int(cfg.lora.rank)):
+        out.model, out.lora_config = _peft_model(cfg, model, tokenizer, out.device)
+        out.peft_lora = True
     # Order in fit: FullModelGather's on_fit_end (FSDP only) runs before LokiCallback's merge; compile after install.
     out.callbacks.insert(0, FullModelGather(out, lambda state: rebuild_trained_model(cfg, out, state)))
     if memory["compile"]:
         out.callbacks.insert(2 if out.loki_callback is not None else 1, CompileForTraining())
 
-    out.datamodule = instantiate(cfg.task.data, tokenizer=tokenizer, seed=cfg.seed)
-    if cfg.evaluate.validation_task_metric and cfg.task.get("eval") and is_rank_zero():
+    out.datamodule = out.task.datamodule(tokenizer, seed=cfg.seed)
+    if cfg.evaluate.validation_task_metric and out.task.has_val and is_rank_zero():
         from loki.eval import TaskMetricCallback
 
-        out.callbacks.append(TaskMetricCallback(cfg.task.eval))
+        out.callbacks.append(TaskMetricCallback(out.task))
     return out
 
 
@@ -300,7 +390,9 @@ def rebuild_trained_model(cfg: DictConfig, setup: Setup, state: dict) -> nn.Modu
     elif setup.peft_lora:
         from peft import get_peft_model
 
-        model = get_peft_model(model, setup.lora_config)
+        from loki.peft_methods import rebuild_config
+
+        model = get_peft_model(model, rebuild_config(setup.lora_config))  # shapes only: the state dict brings PiSSA/CorDA residuals
     inner = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     model.load_state_dict(inner, strict=True)
     if handle is not None:
@@ -370,12 +462,13 @@ def plain_model(module: CausalLMModule, setup: Setup) -> nn.Module:
 
 def finish(cfg: DictConfig, setup: Setup, model: nn.Module, retention_before: dict | None, trainer: Any, started: float) -> dict:
     """Evaluate the trained model, export it, write metrics.json and print the summary table."""
-    from loki.eval import forgetting_report, format_report, run_task_eval
+    from loki.eval import forgetting_report, format_report
 
     model.eval()
     metrics: dict[str, Any] = {
         "model": cfg.model.name,
         "task": cfg.task.name,
+        "primary_metric": setup.task.primary,
         "method": setup.method,
         "q": cfg.loki.q if cfg.loki.enabled else None,
         "positions_source": setup.positions_source,
@@ -384,20 +477,26 @@ def finish(cfg: DictConfig, setup: Setup, model: nn.Module, retention_before: di
     }
     val_loss = trainer.callback_metrics.get("val/loss")  # the last validation's loss: what an LR grid picks on
     metrics["val_loss"] = float(val_loss) if val_loss is not None else None
-    if cfg.evaluate.task and cfg.task.get("eval"):
+    if cfg.evaluate.task and setup.task.evaluator is not None:
         model = to_eval_device(setup, model)
         _record_device(setup, "task", model)
-        metrics["task_metrics"] = run_task_eval(model, setup.tokenizer, cfg.task.eval)
+        metrics["task_metrics"] = setup.task.evaluate(model, setup.tokenizer, stage="test")
+        if cfg.evaluate.task_val and setup.task.has_val:  # the validation metric an LR grid picks on
+            metrics["task_metrics_val"] = setup.task.evaluate(model, setup.tokenizer, stage="val")
     if retention_before is not None:
         retention_after = evaluate_retention(cfg, setup, stage="after")
         metrics["retention"] = {"before": retention_before, "after": retention_after}
         metrics["forgetting"] = forgetting_report(retention_before, retention_after)
     metrics["devices"] = dict(setup.notes.get("devices") or {})  # where each evaluation ran ("cached": read back)
-    if cfg.export:
+    if export_format(cfg.export) == "full":
         from loki.implant import export_model
 
         export_model(model, setup.tokenizer, setup.run_dir / "model")
         metrics["export_dir"] = str(setup.run_dir / "model")
+    elif export_format(cfg.export) == "adapter":  # only the trained rows (peft: its adapter, written in run)
+        if not setup.peft_lora:
+            save_adapter(model, setup.positions, setup.run_dir / "adapter", cfg.model.name)
+        metrics["export_dir"] = str(setup.run_dir / "adapter")
     if setup.positions is not None:
         save_positions(setup.positions, setup.run_dir / "positions.json")
     metrics["data"] = getattr(setup.datamodule, "stats", {})  # rows kept, skipped (and why), truncated

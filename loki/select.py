@@ -14,6 +14,8 @@ Strategies (k = floor(q * D) rows per layer; n = int(L * D * q) rows in total fo
   is the LoKI authors' count (Qwen2.5-0.5B, 24 x 896 at q = 0.1: 2,150 rows), which can exceed the
   layer-balanced total L*k (2,136 there) by up to L-1.
 * random: k rows per layer drawn uniformly with a seeded generator (a control; scores give only shape).
+* smallest_norm: the k rows of smallest L2 norm in each layer's down_proj weight (a control with no
+  attribution at all; `smallest_norm_positions` takes the weights, not scores).
 
 Ties, everywhere, are broken deterministically: within a sample, equal scores are taken in row order
 (lower index first); among equally frequent rows, the lower mean score wins (higher for the *_highest
@@ -37,7 +39,10 @@ import torch
 from loki.errors import LokiError
 from loki.positions import Positions, check_q, rows_per_layer, save_positions
 
-STRATEGIES = ("layer_balanced", "layer_balanced_highest", "global_lowest", "global_highest", "random")
+SCORE_STRATEGIES = ("layer_balanced", "layer_balanced_highest", "global_lowest", "global_highest", "random")
+# Strategies that read no attribution score: random draws rows from the shape, smallest_norm reads the weights.
+NO_SCORE_STRATEGIES = ("random", "smallest_norm")
+STRATEGIES = (*SCORE_STRATEGIES, "smallest_norm")
 SCORE_MODES = ("signed", "abs")
 # Samples handled at once inside a chunk: bounds the temporaries (a few bytes per score).
 _SAMPLES_PER_STEP = 64
@@ -57,14 +62,47 @@ def select_positions(
     expected_shape: (L, D) of the model the positions are for; a mismatch is an error.
     """
     check_q(q)
-    if strategy not in STRATEGIES:
-        raise LokiError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}.")
+    if strategy == "smallest_norm":
+        raise LokiError("strategy 'smallest_norm' reads the down_proj weights, not scores; use smallest_norm_positions(weights, q).")
+    if strategy not in SCORE_STRATEGIES:
+        raise LokiError(f"strategy must be one of {', '.join(SCORE_STRATEGIES)}, got {strategy!r}.")
     if score not in SCORE_MODES:
         raise LokiError(f"score must be 'signed' or 'abs', got {score!r}.")
     tally = _Tally(q, strategy, score, expected_shape)
     for chunk in _chunks(scores):
         tally.add(chunk)
     return tally.positions(seed)
+
+
+def random_positions(num_layers: int, hidden_size: int, q: float, seed: int = 0) -> Positions:
+    """k = floor(q*D) rows per layer, drawn uniformly without replacement by one generator seeded once
+    (layer 0 first): the `random` strategy, which needs only the model's shape."""
+    k = rows_per_layer(check_q(q), hidden_size)
+    if k == 0:
+        raise LokiError(f"q={q} selects no row of {hidden_size}; use q >= {1 / hidden_size:.3g}.")
+    generator = torch.Generator().manual_seed(int(seed))
+    return [torch.randperm(hidden_size, generator=generator)[:k].tolist() for _ in range(num_layers)]
+
+
+def smallest_norm_positions(weights: Iterable[torch.Tensor], q: float) -> Positions:
+    """The `smallest_norm` control: per layer, the k = floor(q*D) rows of smallest L2 norm of its down_proj
+    weight [D, F], smallest first; equal norms are taken in row order (lower index first).
+
+    weights: one [D, F] tensor per layer, in layer order. Norms are computed in float64, so bf16 or fp16
+    weights rank the same as their float32 copies."""
+    positions: Positions = []
+    for layer, weight in enumerate(weights):
+        if weight.ndim != 2:
+            raise LokiError(f"down_proj weight of layer {layer} has shape {tuple(weight.shape)}; expected [hidden, intermediate].")
+        hidden = weight.shape[0]
+        k = rows_per_layer(check_q(q), hidden)
+        if k == 0:
+            raise LokiError(f"q={q} selects no row of {hidden}; use q >= {1 / hidden:.3g}.")
+        norms = weight.detach().to(device="cpu", dtype=torch.float64).norm(dim=1)
+        positions.append(torch.sort(norms, stable=True).indices[:k].tolist())  # stable: ties in row order
+    if not positions:
+        raise LokiError("smallest_norm got no down_proj weights (zero layers), so there is nothing to select from.")
+    return positions
 
 
 def global_rows(q: float, num_layers: int, hidden_size: int) -> int:
@@ -115,8 +153,7 @@ class _Tally:
             raise LokiError("no scores were given (zero samples), so there is nothing to select from.")
         layers, hidden = self.shape
         if self.strategy == "random":
-            generator = torch.Generator().manual_seed(int(seed))
-            return [torch.randperm(hidden, generator=generator)[: self.k].tolist() for _ in range(layers)]
+            return random_positions(layers, hidden, self.q, seed)
         if self.per_layer:
             return [_rank(self.counts[l], self.sums[l])[: self.k].tolist() for l in range(layers)]
         best = _rank(self.counts.flatten(), self.sums.flatten())[: self.total]
@@ -265,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--scores", help="an attribution store directory, a .pt / .npy file [N, L, D], or a directory of them")
     parser.add_argument("--q", type=float, help="fraction of rows per layer, e.g. 0.05")
-    parser.add_argument("--strategy", default="layer_balanced", choices=STRATEGIES)
+    parser.add_argument("--strategy", default="layer_balanced", choices=SCORE_STRATEGIES)  # smallest_norm needs the model: train.py
     parser.add_argument("--score", default="signed", choices=SCORE_MODES)
     parser.add_argument("--seed", type=int, default=0, help="for --strategy random")
     parser.add_argument("--out", help="positions JSON to write")

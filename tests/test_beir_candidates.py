@@ -61,7 +61,8 @@ def test_bm25_candidates_by_hand():
     # qb: a3 > a1. qc: doc qa (another query's id is fine). qd: all stopwords -> nothing. qe: no relevant doc.
     assert beir.candidates == {"qa": ["a1", "a2"], "qb": ["a3", "a1"], "qc": ["qa"], "qd": []}
     assert load_beir(path=SMALL, candidates="bm25", top_n=1).candidates["qb"] == ["a3"]
-    assert bm25_candidates(beir, top_n=2)["qa"] == ["a1", "a2"]  # before the identical-id filter: doc qa 3rd
+    whole = load_beir(path=SMALL, candidates="all")  # bm25_candidates ranks the documents of beir.corpus
+    assert bm25_candidates(whole, top_n=3)["qa"] == ["a1", "a2", "qa"]  # before the identical-id filter
 
 
 def test_queries_are_the_first_n_judged_by_id_and_qrels_read_from_jsonl():
@@ -157,7 +158,7 @@ def test_a_beir_zip_is_fetched_once_and_read(tmp_path, monkeypatch):
     with zipfile.ZipFile(archive, "w") as zf:
         for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.jsonl"):
             zf.write(f"{SMALL}/{name}", f"toyset/{name}")
-    monkeypatch.setitem(BEIR_SETS, "toyset", archive.as_uri())  # a file:// URL: no network
+    monkeypatch.setitem(BEIR_SETS, "toyset", (archive.as_uri(), None))  # a file:// URL: no network
     monkeypatch.setenv("LOKI_BEIR_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LokiError, match="not cached"):
@@ -170,10 +171,13 @@ def test_a_beir_zip_is_fetched_once_and_read(tmp_path, monkeypatch):
 
 
 def test_reranker_task_defaults_are_the_lb_evaluation():
-    cfg = OmegaConf.load("conf/task/reranker.yaml").eval
+    from tests.conftest import compose_config
+
+    cfg = compose_config("train", "task=reranker").task.eval  # the YAML plus its schema defaults
     assert list(cfg.sets) == list(LB_EVAL_SETS) == [
         "arguana", "dbpedia-entity", "fiqa", "nfcorpus", "scidocs", "scifact", "trec-covid-v2", "vihealthqa",
         "webis-touche2020",
     ]
     assert cfg.candidates == "bm25" and cfg.top_n == 100 and cfg.max_queries == 250 and cfg.split == "test"
     assert all(name in BEIR_SETS for name in cfg.sets + cfg.val_sets)
+    assert cfg.score == "reference"  # lightblue's score: the paper's numbers are comparable

@@ -1,5 +1,8 @@
-"""Chat SFT loader: assistant-only loss masks, skipped conversations, bad input, batching, the token cache,
-column pruning, too-long rows (truncate / drop), LLaMA-Factory-style packing."""
+"""Chat SFT loader: assistant-only loss masks, skipped conversations, bad input, batching, the token cache
+and its key, column pruning, too-long rows (truncate / drop), LLaMA-Factory-style packing, the typed config.
+
+Single conversations go through `encode_batch` and packed rows through `pack_groups` + `ChatExamples`:
+the functions the data module itself runs."""
 
 from __future__ import annotations
 
@@ -9,20 +12,24 @@ import pytest
 import torch
 
 import loki.data.chat as chat
+import loki.data.chat.tokenise
 from loki.data.chat import (
     IGNORE_INDEX,
+    ChatDataConfig,
+    ChatExamples,
     ChatSFTDataModule,
     assemble,
     collate_right_padded,
+    encode_batch,
     hub_load_error,
     knapsack_packs,
     load_rows,
-    pack_examples,
+    pack_groups,
     split_budget,
     to_messages,
-    tokenize_conversation,
 )
 from loki.errors import LokiError
+from loki.files import settings_digest
 
 FIXTURES = "tests/fixtures"
 
@@ -52,6 +59,13 @@ MULTI_TURN = [
 ]
 
 
+def encode_one(tokenizer, turns, system=None, max_length=None, too_long="truncate", **columns) -> dict[str, list[int]]:
+    """One conversation through the production tokeniser (`encode_batch`, a one-row batch)."""
+    batch = {"conversations": [turns], "system": [system]}
+    out = encode_batch(batch, tokenizer, max_length, too_long, system_column="system", **columns)
+    return {"input_ids": out["input_ids"][0], "labels": out["labels"][0], "status": out["status"][0]}
+
+
 def trained_spans(tokenizer, example) -> list[str]:
     """Decode each maximal run of tokens that carry a label."""
     spans, current = [], []
@@ -74,7 +88,8 @@ def test_multi_turn_mask_covers_exactly_the_assistant_turns(chat_tokenizer, temp
         chat_tokenizer.chat_template = PLAIN_TEMPLATE
         turns = MULTI_TURN[1:]  # no system turn: the template injects its own
     messages = to_messages(turns)
-    example = tokenize_conversation(chat_tokenizer, messages)
+    example = encode_one(chat_tokenizer, turns)
+    assert example["status"] == chat.KEPT
     assert trained_spans(chat_tokenizer, example) == ["7<|im_end|>", "an answer with several words<|im_end|>"]
     # Everything else (system, user turns, role headers, trailing newlines) is masked but present.
     assert chat_tokenizer.decode(example["input_ids"]) == chat_tokenizer.apply_chat_template(messages, tokenize=False)
@@ -111,8 +126,8 @@ def test_too_long_rows_are_truncated_pair_by_pair_and_counted(chat_tokenizer, ca
     assert "3 longer than 64 tokens, 3 of them truncated" in caplog.text
     # Hand-computed for the first row: prompt s tokens, answer t tokens (with <|im_end|>), budget 64.
     rows = json.load(open(f"{FIXTURES}/toolace/data.json"))
-    messages = to_messages(rows[0]["conversations"], rows[0]["system"])
-    full = tokenize_conversation(chat_tokenizer, messages)
+    full = encode_one(chat_tokenizer, rows[0]["conversations"], rows[0]["system"])  # no max_length: whole
+    assert len(full["input_ids"]) > 64 and full["status"] == chat.KEPT
     t = sum(label != IGNORE_INDEX for label in full["labels"])
     s = full["labels"].index(next(label for label in full["labels"] if label != IGNORE_INDEX))
     assert 2 * t >= 64 and 2 * s >= 64  # both halves are long: the budget is shared in proportion
@@ -248,16 +263,25 @@ def test_knapsack_layout_by_hand():
     assert knapsack_packs([7, 3], 6) == [[1]]  # longer than the row: left out (truncation prevents it)
 
 
+def packed_rows(examples, capacity, group=chat.PACK_GROUP):
+    """Packed rows as the data module makes them: `pack_groups` over the lengths, read by `ChatExamples`."""
+    from datasets import Dataset
+
+    packs = pack_groups([len(e["input_ids"]) for e in examples], capacity, group)
+    return list(ChatExamples(Dataset.from_list(examples), packs))
+
+
 def test_packing_concatenates_with_position_ids_restarting():
     examples = [{"input_ids": [i] * n, "labels": [IGNORE_INDEX] * (n - 1) + [i]} for i, n in enumerate([3, 4, 2, 5, 1], 1)]
-    packed = pack_examples(examples, max_length=6)
+    packed = packed_rows(examples, 6)
     assert [r["input_ids"] for r in packed] == [[4, 4, 4, 4, 4, 5], [2, 2, 2, 2, 3, 3], [1, 1, 1]]
     assert [r["labels"] for r in packed] == [
         [-100, -100, -100, -100, 4, 5], [-100, -100, -100, 2, -100, 3], [-100, -100, 1]
     ]
     assert [r["position_ids"] for r in packed] == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 0, 1], [0, 1, 2]]
     # groups of `group` examples are packed separately (LLaMA-Factory packs one map batch at a time)
-    assert [r["input_ids"] for r in pack_examples(examples, 6, group=2)] == [[2] * 4, [1] * 3, [4] * 5, [3] * 2, [5]]
+    assert [r["input_ids"] for r in packed_rows(examples, 6, group=2)] == [[2] * 4, [1] * 3, [4] * 5, [3] * 2, [5]]
+    assert pack_groups([3, 4, 2, 5, 1], 6, group=2) == [[1], [0], [3], [2], [4]]  # indices into the whole list
 
 
 def test_packed_datamodule_rows_fit_the_cutoff_and_carry_position_ids(chat_tokenizer):
@@ -287,7 +311,7 @@ def _forbid_tokenising(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("tokenised again instead of reading the cache")
 
-    monkeypatch.setattr(chat, "encode_batch", fail)
+    monkeypatch.setattr(loki.data.chat.tokenise, "encode_batch", fail)
 
 
 def test_second_datamodule_reads_the_cache_without_tokenising(chat_tokenizer, tmp_path, monkeypatch):
@@ -370,13 +394,13 @@ def test_only_the_used_columns_are_read(chat_tokenizer, tmp_path, monkeypatch, s
         assert dataset.data.schema.names == ["conversations", "system"]
 
     seen = []
-    encode = chat.encode_batch
+    encode = loki.data.chat.tokenise.encode_batch
 
     def spy(batch, *args, **kwargs):
         seen.append(sorted(batch.keys()))
         return encode(batch, *args, **kwargs)
 
-    monkeypatch.setattr(chat, "encode_batch", spy)
+    monkeypatch.setattr(loki.data.chat.tokenise, "encode_batch", spy)
     dm = ChatSFTDataModule(chat_tokenizer, path=str(file), system_column="system", max_length=512, cache_dir=str(tmp_path))
     dm.setup()
     assert seen and all(keys == ["conversations", "system"] for keys in seen)
@@ -404,3 +428,100 @@ def test_hub_load_error_is_one_sentence_naming_the_override():
         "could not load dataset 'org/data' split 'train' (offline); pass task.data.path=/path/to/file.jsonl "
         "(same schema) to read a local copy."
     )
+
+
+# ------------------------------------------------------------------------------ the cache key, the config
+
+
+def test_settings_digest_is_sha256_of_sorted_json():
+    import hashlib
+    from pathlib import Path
+
+    settings = {"b": 1, "a": [Path("/x"), None]}
+    text = '{"a": ["/x", null], "b": 1}'  # sorted keys, the Path as its str()
+    assert settings_digest(settings) == hashlib.sha256(text.encode()).hexdigest()[:16]
+    assert settings_digest(settings, length=20) == hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def test_cache_key_is_the_one_before_the_package_split(chat_tokenizer, tmp_path):
+    """Existing token caches stay valid: these names were computed by the single-module loader
+    (loki/data/chat.py at commit 8f3928f) for the same settings and the test tokenizer."""
+    assert chat.tokenizer_fingerprint(chat_tokenizer) == "a76b3b23312308fc"
+    old_key = {
+        "version": 1, "tokenizer": "a76b3b23312308fc", "max_length": 1024, "cutoff": 1024, "packing": False,
+        "too_long": "truncate", "input": {"source": "Team-ACE/ToolACE", "split": "train"}, "max_samples": None,
+        "conversations_column": "conversations", "system_column": None, "role_map": None, "role_key": "from",
+        "content_key": "value",
+    }
+    assert settings_digest(old_key, length=20) == "32ebb8d0b25f30779cee"
+    dm = ChatSFTDataModule(chat_tokenizer, source="Team-ACE/ToolACE", cache_dir=str(tmp_path))
+    assert dm.cache_path("Team-ACE/ToolACE", None, "train") == tmp_path / "data" / "chat-32ebb8d0b25f30779cee"
+    toolace = ChatSFTDataModule(
+        chat_tokenizer, source="Team-ACE/ToolACE", cache_dir=str(tmp_path), max_length=2048, packing=True,
+        system_column="system", role_map={"user": "user", "assistant": "assistant", "tool": "tool"}, max_samples=100,
+    )
+    assert toolace.cache_path("Team-ACE/ToolACE", None, "train").name == "chat-d5d640566381049c6c30"
+    assert toolace.cache_path("Team-ACE/ToolACE", None, "train", with_limit=False).name == "chat-a37bdc23d9138dcab566"
+
+
+def test_yaml_block_instantiates_the_same_module_as_keywords(chat_tokenizer, tmp_path):
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_config
+
+    cfg = compose_config("train", "task=toolace", f"task.data.cache_dir={tmp_path}")
+    dm = instantiate(cfg.task.data, tokenizer=chat_tokenizer, seed=3)
+    assert isinstance(dm, ChatSFTDataModule) and dm.config.seed == 3
+    assert dm.config.role_map == {"user": "user", "assistant": "assistant", "tool": "tool"}
+    assert type(dm.config.role_map) is dict  # not an OmegaConf node: it goes into the cache key as JSON
+    plain = ChatSFTDataModule(
+        chat_tokenizer, source="Team-ACE/ToolACE", val_fraction=0.01, max_length=2048, batch_size=4, num_workers=2,
+        system_column="system", role_map={"user": "user", "assistant": "assistant", "tool": "tool"}, cache_dir=str(tmp_path),
+    )
+    assert dm.cache_path("Team-ACE/ToolACE", None, "train") == plain.cache_path("Team-ACE/ToolACE", None, "train")
+    # a config object and keyword overrides on top of it
+    again = ChatSFTDataModule(chat_tokenizer, plain.config, batch_size=2)
+    assert again.config.batch_size == 2 and plain.config.batch_size == 4 and again.config.role_map == plain.config.role_map
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(path=None, source=None), "task.data.source must be a hub dataset id when task.data.path is null, got None."),
+        (dict(val_fraction=1.0), "task.data.val_fraction must be a number in [0, 1), got 1.0."),
+        (dict(val_fraction="half"), "task.data.val_fraction must be a number in [0, 1), got 'half'."),
+        (dict(too_long="cut"), "task.data.too_long must be one of truncate, drop, got 'cut'."),
+        (dict(max_length=0), "task.data.max_length must be an integer >= 1, got 0."),
+        (dict(max_length=1, packing=True), "task.data.max_length must be an integer >= 2, got 1."),
+        (dict(max_length=512.5), "task.data.max_length must be an integer >= 1, got 512.5."),
+        (dict(packing="yes"), "task.data.packing must be true or false, got 'yes'."),
+        (dict(batch_size=0), "task.data.batch_size must be an integer >= 1, got 0."),
+        (dict(batch_size=True), "task.data.batch_size must be an integer >= 1, got True."),
+        (dict(eval_batch_size=0), "task.data.eval_batch_size must be an integer >= 1 (or null), got 0."),
+        (dict(max_samples=0), "task.data.max_samples must be an integer >= 1 (or null), got 0."),
+        (dict(seed="s"), "task.data.seed must be an integer, got 's'."),
+        (dict(num_workers=-1), "task.data.num_workers must be an integer >= 0, got -1."),
+        (dict(num_proc=0), "task.data.num_proc must be an integer >= 1 (or null), got 0."),
+        (dict(map_batch_size=0), "task.data.map_batch_size must be an integer >= 1, got 0."),
+        (dict(split=""), "task.data.split must be a non-empty string, got ''."),
+        (dict(conversations_column=None), "task.data.conversations_column must be a non-empty string, got None."),
+        (dict(system_column=""), "task.data.system_column must be a non-empty string (or null), got ''."),
+        (dict(role_key=3), "task.data.role_key must be a non-empty string, got 3."),
+        (dict(role_map=["user"]), "task.data.role_map must be a mapping of speaker names to roles (or null), got ['user']."),
+        (dict(role_map={"gpt": None}), "task.data.role_map.gpt must be a chat-template role such as user, assistant or tool, got None."),
+    ],
+)
+def test_config_refuses_bad_values_in_one_sentence(settings, message):
+    with pytest.raises(LokiError) as err:
+        ChatDataConfig(**{"path": "data.jsonl", **settings})
+    assert str(err.value) == message
+
+
+def test_config_refuses_unknown_keys_and_normalises_values():
+    with pytest.raises(LokiError, match=r"^task.data has no setting 'max_len'; the chat loader's settings are source, path,"):
+        ChatDataConfig.from_settings({"path": "data.jsonl", "max_len": 10})
+    config = ChatDataConfig.from_settings({"path": "data.jsonl", "max_length": 64, "val_fraction": 0, "role_map": {}})
+    assert (config.max_length, config.val_fraction, config.role_map) == (64, 0.0, None)
+    assert type(config.val_fraction) is float
+    assert config.cutoff == 64 and ChatDataConfig(path="d", max_length=64, packing=True).cutoff == 63
+    assert config.eval_batch == 8 and ChatDataConfig(path="d", eval_batch_size=2).eval_batch == 2

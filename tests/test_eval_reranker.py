@@ -147,8 +147,8 @@ def test_bad_beir_input(tmp_path, monkeypatch):
     (tmp_path / "corpus.jsonl").write_text('{"_id": "d1", "text": "x"}\n')
     (tmp_path / "queries.jsonl").write_text('{"_id": "q1", "text": "y"}\n')
     (tmp_path / "qrels" / "test.tsv").write_text("q1\td1\t1\n")
-    with pytest.raises(LokiError, match="header"):
-        load_beir(path=tmp_path)
+    with pytest.raises(LokiError, match="no query with a relevant document"):
+        load_beir(path=tmp_path)  # BEIR skips the first line whatever it says: here the only judgement
     with pytest.raises(LokiError, match="no queries.jsonl|no qrels/dev.tsv"):
         load_beir(path=tmp_path, split="dev")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -198,3 +198,105 @@ def test_task_metric_callback_logs_val_metrics(chat_tokenizer):
     assert callback.last["num_queries"] == 2  # the dev qrels
     assert "val/map@1" in trainer.callback_metrics and "val/num_queries" not in trainer.callback_metrics
     assert float(trainer.callback_metrics["val/map@1"]) == pytest.approx(callback.last["map@1"])
+
+
+# ------------------------------------------------------------------------ lightblue's reference score
+
+
+def test_reference_score_matches_hand_computation():
+    from loki.eval.reranker import reference_digit_probs, reference_relatedness
+
+    digit_ids = list(range(10, 17))  # "1".."7" at ids 10..16 of a 32-token vocabulary
+    # Row 0, probabilities proportional to weights: digits 1..7 -> 1, 2, 4, 8, 16, 32, 64; 14 other tokens
+    # 3 each; the 11 left 0.5 each (Z = 127 + 42 + 5.5 = 174.5). The top 14 are digits 7..3 and nine of the
+    # 3s, so digits 1 and 2 are cut (p = 0): (8 + 16 + 32 + 64) / 4Z - (0 + 0 + 4 + 8) / 4Z = 108 / 698.
+    w0 = torch.full((32,), 0.5)
+    w0[digit_ids] = torch.tensor([1.0, 2, 4, 8, 16, 32, 64])
+    w0[:10] = 3.0
+    w0[17:21] = 3.0
+    # Row 1: digit d has weight d, the 25 others 0.25 each (Z = 28 + 6.25); every digit is in the top 14:
+    # (4 + 5 + 6 + 7) / 4Z - (1 + 2 + 3 + 4) / 4Z = 12 / 137. Note p4 counts in both means.
+    w1 = torch.full((32,), 0.25)
+    w1[digit_ids] = torch.arange(1.0, 8.0)
+    logits = torch.log(torch.stack([w0, w1])) + torch.tensor([[3.0], [-1.0]])  # a shift changes nothing
+    probs = reference_digit_probs(logits, digit_ids)
+    assert torch.allclose(probs[0], torch.tensor([0, 0, 4, 8, 16, 32, 64]) / 174.5)
+    assert torch.allclose(probs[1], torch.arange(1.0, 8.0) / 34.25)
+    assert torch.allclose(reference_relatedness(probs), torch.tensor([108 / 698, 12 / 137]))
+    # The expected-digit score of row 0 ignores the cut and the other tokens: 769 / 127.
+    assert float(expected_relatedness(logits[0, digit_ids])) == pytest.approx(769 / 127, rel=1e-6)
+    # A digit tied with the 14th logit counts as inside; one just below it does not.
+    tie = torch.zeros(32)
+    tie[20:34] = 1.0  # tokens 20..31: 12 tokens at 1
+    tie[[15, 16]] = 1.0  # digits 6 and 7 at 1 too: 14 tokens at 1
+    tie[14] = 1.0 - 1e-4  # digit 5 just below: the 15th token
+    p = reference_digit_probs(tie, digit_ids)
+    assert p[5] > 0 and p[6] > 0 and p[4] == 0
+
+
+class WeightedLogits(torch.nn.Module):
+    """Last-position logits log(weights), the digits' weights placed at the tokenizer's digit ids."""
+
+    def __init__(self, vocab, digit_ids, digit_weights, other_weights):
+        super().__init__()
+        self.weights = torch.full((vocab,), 0.5)
+        others = [i for i in range(vocab) if i not in digit_ids][: len(other_weights)]
+        self.weights[others] = torch.tensor(other_weights)
+        self.weights[digit_ids] = torch.tensor(digit_weights)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask):
+        return SimpleNamespace(logits=torch.log(self.weights).expand(*input_ids.shape, -1).clone())
+
+
+def test_score_pairs_reference_by_hand(chat_tokenizer):
+    ids = digit_token_ids(chat_tokenizer)
+    vocab = len(chat_tokenizer)
+    # digits 1..7 weigh 1, 2, 4, 8, 16, 32, 64; 14 non-digit tokens weigh 3: digits 1 and 2 fall outside
+    # the top 14 (p = 0). Z = 127 + 42 + 0.5 (vocab - 21).
+    model = WeightedLogits(vocab, ids, [1.0, 2, 4, 8, 16, 32, 64], [3.0] * 14)
+    z = 127 + 42 + 0.5 * (vocab - 21)
+    pairs = [("q", "a text"), ("another query", "t"), ("q3", "x" * 40)]
+    got = score_pairs(model, chat_tokenizer, pairs, batch_size=2, score="reference")
+    assert torch.allclose(got, torch.full((3,), (8 + 16 + 32 + 64 - 4 - 8) / (4 * z)))
+    expected = score_pairs(model, chat_tokenizer, pairs, batch_size=2, score="expected")
+    assert torch.allclose(expected, torch.full((3,), 769 / 127))
+    # Digits far below 14 other tokens: every p is 0, so is the score (the expectation does not care).
+    low = FixedDigitLogits(vocab, ids, torch.log(torch.tensor([1.0, 2, 1, 1, 1, 1, 4])))
+    assert torch.equal(score_pairs(low, chat_tokenizer, pairs, score="reference"), torch.zeros(3))
+    with pytest.raises(LokiError, match="task.eval.score must be one of reference, expected, got 'mean'"):
+        score_pairs(low, chat_tokenizer, pairs, score="mean")
+
+
+def test_digit_ids_are_the_ones_emitted_after_the_prompt_not_a_bare_encode(chat_tokenizer):
+    """lightblue's code takes `tok.encode(str(d))[0]`: with a tokenizer that prepends BOS (Llama-3's
+    encode does), that is the BOS id for every digit. The digits scored here are those the model emits
+    right after the generation prompt, so a BOS-adding tokenizer changes nothing."""
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.deepcopy(chat_tokenizer)
+    bos = tok.convert_tokens_to_ids("<|endoftext|>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    assert tok.encode("1")[0] == bos  # what a bare encode of the digit starts with here
+    ids = digit_token_ids(tok)
+    assert ids == digit_token_ids(chat_tokenizer) and [tok.decode([i]) for i in ids] == list("1234567")
+
+
+def test_the_configured_score_is_used(chat_tokenizer):
+    from tests.conftest import compose_config
+
+    assert compose_config("train", "task=toy_rerank").task.eval.score == "expected"  # the toy's shipped numbers
+    cfg = OmegaConf.load("conf/task/tiny_rerank.yaml").eval
+    ids = digit_token_ids(chat_tokenizer)
+    model = WeightedLogits(len(chat_tokenizer), ids, [1.0, 2, 4, 8, 16, 32, 64], [3.0] * 14)
+    cfg.score = "bogus"
+    with pytest.raises(LokiError, match="task.eval.score"):
+        run_task_eval(model, chat_tokenizer, cfg)
+    cfg.score = "reference"
+    got = run_task_eval(model, chat_tokenizer, cfg)  # every pair ties: trec_eval ranks by doc id, descending
+    cfg.score = "expected"
+    assert got == run_task_eval(model, chat_tokenizer, cfg)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from loki.errors import LokiError
-from loki.eval.lm_harness import HEADLINE, PAPER_TASKS, flatten_results, require_lm_eval
+from loki.eval.lm_harness import HEADLINE, PAPER_TASKS, flatten_results, require_lm_eval, task_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "tests" / "fixtures" / "lm_eval"
@@ -43,7 +43,7 @@ def test_paper_config_names_the_six_benchmarks_with_a_headline_each():
     assert tuple(cfg.lm_eval.tasks) == PAPER_TASKS == ("triviaqa", "gsm8k", "hellaswag", "winogrande", "humaneval", "ifeval")
     assert dict(cfg.lm_eval.headline) == HEADLINE
     for line in (ROOT / "conf" / "eval" / "paper.yaml").read_text().splitlines():
-        if ":" in line and not line.lstrip().startswith("#"):
+        if ":" in line and not line.lstrip().startswith(("#", "-")) and line != "defaults:":  # Hydra's defaults list aside
             assert "#" in line, f"setting without a comment: {line!r}"
 
 
@@ -80,3 +80,65 @@ def test_local_tasks_on_a_tiny_model_agree_with_retention_cloze(chat_tokenizer, 
     assert got["retention/lm_eval/loki_fixture_mc/acc"] == pytest.approx(got["retention/cloze/acc"])
     assert 0.0 <= got["retention/lm_eval/loki_fixture_gen/score"] <= 1.0
     assert not any("stderr" in key for key in got)
+
+
+# What the installed lm-eval task files of the paper's six tasks import beyond the standard library (read by
+# hand from lm_eval/tasks/<dir>/*.py: hellaswag/utils.py imports datasets, humaneval/utils.py evaluate,
+# ifeval/instructions.py langdetect, ifeval/instructions_util.py immutabledict, nltk and packaging).
+PAPER_TASK_MODULES = {
+    "triviaqa": (),
+    "gsm8k": (),
+    "hellaswag": ("datasets",),
+    "winogrande": (),
+    "humaneval": ("evaluate",),
+    "ifeval": ("immutabledict", "langdetect", "nltk", "packaging"),
+}
+
+
+def test_paper_tasks_modules_come_from_the_installed_task_files():
+    lm_eval = pytest.importorskip("lm_eval", reason='lm-eval not installed (pip install -e ".[paper-eval]")')
+    tasks_dir = Path(lm_eval.__file__).parent / "tasks"
+    for task in PAPER_TASKS:
+        got = task_modules(task)
+        assert tuple(got) == PAPER_TASK_MODULES[task], task
+        for module in got:  # each one is an import statement in a file of the task's own dir
+            sources = "\n".join(f.read_text() for f in (tasks_dir / task).glob("*.py"))
+            assert f"import {module}" in sources or f"from {module}" in sources, (task, module)
+    # every module is importable here, so the check passes for eval=paper
+    require_lm_eval({"tasks": list(PAPER_TASKS)})
+
+
+def test_a_missing_task_module_is_named_with_its_pip_install(monkeypatch):
+    pytest.importorskip("lm_eval", reason='lm-eval not installed (pip install -e ".[paper-eval]")')
+    import importlib
+
+    real_import = importlib.import_module
+
+    def without_langdetect(name, package=None):
+        if name == "langdetect":
+            raise ModuleNotFoundError("No module named 'langdetect'", name="langdetect")
+        return real_import(name, package)
+
+    monkeypatch.setattr(importlib, "import_module", without_langdetect)
+    require_lm_eval({"tasks": ["gsm8k", "hellaswag"]})  # neither needs langdetect
+    with pytest.raises(LokiError) as caught:
+        require_lm_eval({"tasks": ["gsm8k", "ifeval"]})
+    message = str(caught.value)
+    assert "'ifeval'" in message and "'langdetect'" in message and 'pip install -e ".[paper-eval]"' in message
+    assert "\n" not in message and message.endswith(".")
+
+
+def test_a_local_task_module_outside_the_extra_gets_its_own_pip_install(tmp_path):
+    pytest.importorskip("lm_eval", reason='lm-eval not installed (pip install -e ".[paper-eval]")')
+    # a local task: its YAML includes a base YAML whose !function module imports a helper file, which
+    # imports a module that is not installed (and one inside a guarded try, which is optional)
+    (tmp_path / "_base.yaml").write_text("output_type: multiple_choice\nprocess_docs: !function prep.process_docs\n")
+    (tmp_path / "task.yaml").write_text("include: _base.yaml\ntask: loki_local_probe\ndataset_path: json\n")
+    (tmp_path / "prep.py").write_text("import json\nfrom helper import clean\n\ndef process_docs(d):\n    return d\n")
+    (tmp_path / "helper.py").write_text(
+        "import loki_not_a_module_xyz.sub\ntry:\n    import loki_optional_xyz\nexcept ImportError:\n    pass\n\n"
+        "def clean(x):\n    return x\n"
+    )
+    assert task_modules("loki_local_probe", [tmp_path]) == ["loki_not_a_module_xyz"]
+    with pytest.raises(LokiError, match=r"'loki_local_probe'.*'loki_not_a_module_xyz'.*run pip install loki_not_a_module_xyz \("):
+        require_lm_eval({"tasks": ["loki_local_probe"], "include_path": str(tmp_path)})

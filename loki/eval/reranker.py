@@ -1,9 +1,13 @@
-"""The LB reranker task: prompt format, the expected-relatedness score, and BEIR ranking metrics.
+"""The LB reranker task: prompt format, the relatedness scores, and BEIR ranking metrics.
 
-Score of a (query, document) pair: the model reads the reranker prompt in its chat template; at the
-assistant's first token take the logits of the digit tokens "1".."7", softmax over those seven only
-(renormalised), and return the expectation sum_d d * p(d), a continuous score in [1, 7] with few ties
-(the LB reranker's own scoring).
+Score of a (query, document) pair (`task.eval.score`): the model reads the reranker prompt in its chat
+template; at the assistant's first token, with d the digit tokens "1".."7":
+- `reference` (lightblue's `LBCrossEncoder`, which produced the numbers the paper compares against):
+  p(d) = the digit's probability over the WHOLE vocabulary, kept only when the digit is among the 14
+  most likely tokens (their vLLM call asks for `logprobs=14`) and 0 otherwise; the score is
+  mean(p4..p7) - mean(p1..p4), in [-1/4, 1/4] (p4 sits in both means, as in their code);
+- `expected`: softmax over the seven digit logits only (renormalised) and the expectation
+  sum_d d * p(d), a continuous score in [1, 7] with few ties.
 
 Evaluation (`evaluate_reranker`), as the LB reranker's was run: for each BEIR set of `task.eval.sets`
 (default: its list, `loki.data.beir.LB_EVAL_SETS`), the first `max_queries` (250) judged test queries
@@ -35,6 +39,29 @@ def digit_token_ids(tokenizer) -> list[int]:
     from loki.tokenizer import single_token_ids
 
     return single_token_ids(tokenizer, _prompt_text(tokenizer, "q", "t"), DIGITS, "digit")
+
+
+# task.eval.score values: lightblue's reference score, or the expectation of the renormalised digit.
+SCORES = ("reference", "expected")
+# lightblue's LBCrossEncoder reads the first generated token's top-14 log-probabilities (vLLM logprobs=14).
+REFERENCE_TOP_LOGPROBS = 14
+
+
+def reference_digit_probs(logits: torch.Tensor, digit_ids: Sequence[int], top: int = REFERENCE_TOP_LOGPROBS) -> torch.Tensor:
+    """[..., V] next-token logits -> [..., 7] probabilities of the digits over the whole vocabulary, 0 for
+    a digit outside the `top` most likely tokens. A digit tied with the top-th logit counts as inside
+    (vLLM's own top-k picks one of equal logits arbitrarily)."""
+    logits = logits.float()
+    log_probs = torch.log_softmax(logits, dim=-1)
+    kth = torch.topk(logits, min(int(top), logits.shape[-1]), dim=-1).values[..., -1:]
+    ids = torch.as_tensor(list(digit_ids), dtype=torch.long, device=logits.device)
+    inside = logits.index_select(-1, ids) >= kth
+    return torch.where(inside, log_probs.index_select(-1, ids).exp(), torch.zeros((), device=logits.device))
+
+
+def reference_relatedness(digit_probs: torch.Tensor) -> torch.Tensor:
+    """[..., 7] probabilities p1..p7 -> [...] mean(p4..p7) - mean(p1..p4), lightblue's score."""
+    return digit_probs[..., 3:7].mean(-1) - digit_probs[..., 0:4].mean(-1)
 
 
 def expected_relatedness(digit_logits: torch.Tensor) -> torch.Tensor:
@@ -70,17 +97,35 @@ def last_token_logits(model, sequences: Sequence[Sequence[int]], pad_token_id: i
     return next_token_logits(model, sequences, pad_token_id, batch_size)
 
 
+def check_score(score: Any) -> str:
+    if score not in SCORES:
+        raise LokiError(f"task.eval.score must be one of {', '.join(SCORES)}, got {score!r}.")
+    return str(score)
+
+
 def score_pairs(
-    model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 8, max_length: int = 1024
+    model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 8, max_length: int = 1024,
+    score: str = "expected",
 ) -> torch.Tensor:
-    """Expected relatedness in [1, 7] for each (query, document text) pair."""
+    """The relatedness score (`score`: reference | expected, see the module doc) of each (query, document
+    text) pair. Each batch's vocabulary-wide logits are reduced to the seven digits at once, so memory
+    stays one batch of logits however many pairs there are."""
+    from loki.eval.retention import _last, span_logits
+
+    score = check_score(score)
     if not pairs:
         return torch.empty(0)
     digit_ids = digit_token_ids(tokenizer)
     prompts = [_fit_prompt(tokenizer, q, t, max_length) for q, t in pairs]
-    logits = last_token_logits(model, prompts, pad_token_id(tokenizer), batch_size)
-    digit_logits = torch.stack([row[digit_ids] for row in logits])
-    return expected_relatedness(digit_logits)
+    digits = torch.empty(len(prompts), len(digit_ids))
+    for chunk, rows in span_logits(model, prompts, _last(prompts), pad_token_id(tokenizer), batch_size):
+        last = torch.cat(rows).float()  # [len(chunk), V]: one row per sequence (its last position)
+        if score == "reference":
+            values = reference_digit_probs(last, digit_ids)
+        else:
+            values = last[:, digit_ids]
+        digits[torch.as_tensor(chunk)] = values.cpu()
+    return reference_relatedness(digits) if score == "reference" else expected_relatedness(digits)
 
 
 def retrieval_metrics(
@@ -200,7 +245,8 @@ def _evaluate_set(model, tokenizer, beir, cfg: Mapping[str, Any]) -> dict[str, f
     use_title = bool(get("use_title", True))
     keys = [(q, d) for q, docs in beir.candidates.items() for d in docs]
     pairs = [(beir.queries[q], _doc_text(beir.corpus[d], use_title)) for q, d in keys]
-    values = score_pairs(model, tokenizer, pairs, int(get("batch_size", 8)), int(get("max_length", 1024)))
+    score = check_score(get("score") or "expected")  # a task config without the key keeps the old expectation
+    values = score_pairs(model, tokenizer, pairs, int(get("batch_size", 8)), int(get("max_length", 1024)), score)
     scores: dict[str, dict[str, float]] = {q: {} for q in beir.queries}
     for (q, d), value in zip(keys, values.tolist()):
         scores[q][d] = value

@@ -219,12 +219,14 @@ def shared_context_logprobs(model, context: Sequence[int], continuations: Sequen
 
 def score_cloze(
     model, tokenizer, examples: Sequence[Mapping], batch_size: int = 8, chat_template: bool = True,
-    shared_context: bool = True,
+    shared_context: bool = True, items: list | None = None,
 ) -> dict[str, float]:
     """Cloze scores of multiple-choice rows. `shared_context` runs each question once and its choices
     on its cache (`shared_context_logprobs`) when the model is a Hugging Face model; False (or any other
     model) scores every (question + choice) sequence whole,
-    `batch_size` at a time (the oracle the tests compare it with)."""
+    `batch_size` at a time (the oracle the tests compare it with). With `items` (a list), one dict per
+    row is appended: its id, whether the top choice is the gold one, and the gold choice's log-probability
+    among the choices (the per-item values behind `acc` and `logprob`)."""
     contexts, continuations, choice_bytes = [], [], []
     for ex in examples:
         context, separator = cloze_context(tokenizer, ex, chat_template)
@@ -247,6 +249,11 @@ def score_cloze(
     answers = torch.tensor([int(ex["answer"]) for ex in examples])
     out = _summarise(scores, answers)
     out["acc_norm"] = float((per_byte.argmax(-1) == answers).double().mean())
+    if items is not None:
+        gold = torch.log_softmax(scores, dim=-1)[torch.arange(len(answers)), answers]
+        correct = scores.argmax(-1) == answers
+        for i, ex in enumerate(examples):
+            items.append({"id": ex.get("id", i), "correct": bool(correct[i]), "logprob": float(gold[i])})
     return out
 
 
@@ -294,7 +301,7 @@ def _sequences(tokenizer, name: str, bench: Mapping[str, Any], default_prompt: s
         seqs = [_encode(tokenizer, d, special=True) for d in docs]
     else:
         examples = load_rows(bench)
-        prompt = get("prompt", default_prompt)
+        prompt = get("prompt") or default_prompt  # null: the mode's own (kl: letter, lm_loss: text)
         if prompt == "letter":
             from loki.data.mmlu import mc_prompt_ids
 

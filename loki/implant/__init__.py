@@ -3,12 +3,14 @@
 One method, one place, in three parts (like PEFT's tuner folders):
 - `layer.py`: `LokiDownProj`, the trainable `[k, F]` rows or LoRA on them, and `row_mask`;
 - `guard.py`: the gradient row mask and the optimizer guard that keeps weight decay off frozen rows;
-- `model.py`: `install`, `attach_optimizer`, `merge`, `export_model` and the checks.
+- `model.py`: `install`, `attach_optimizer`, `merge`, `export_model` and the checks;
+- `adapter.py`: small exports (only the trained rows) and `load_adapter`, which applies one to its base.
 
 Plain torch: importing this package loads no Lightning, Hydra or OmegaConf. The Lightning callback is
 `loki.lightning.LokiCallback`. The method is described in docs/method.md.
 """
 
+from loki.implant.adapter import EXPORT_FORMATS, base_digest, export_format, load_adapter, merge_adapter, save_adapter, save_peft_adapter
 from loki.implant.guard import RowGuard, mask_gradient
 from loki.implant.layer import LokiDownProj, master_dtype, row_mask
 from loki.implant.model import (
@@ -26,20 +28,27 @@ from loki.implant.model import (
 )
 
 __all__ = [
+    "EXPORT_FORMATS",
     "IMPLS",
     "LokiDownProj",
     "LokiHandle",
     "RowGuard",
     "attach_optimizer",
+    "base_digest",
     "check_optimizer_holds",
     "check_options",
     "check_precision",
     "check_positions",
+    "export_format",
     "export_model",
     "install",
+    "load_adapter",
     "mask_gradient",
     "master_dtype",
     "merge",
+    "merge_adapter",
     "positions_digest",
     "row_mask",
+    "save_adapter",
+    "save_peft_adapter",
 ]

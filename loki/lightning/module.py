@@ -58,10 +58,11 @@ class CausalLMModule(pl.LightningModule):
         self.lr_schedule = dict(lr_schedule or {"kind": "constant", "warmup_ratio": 0.0})
         warmup_decay_lambda(0, 1, self.lr_schedule.get("kind", "constant"))  # a bad kind fails at construction
 
-    def on_train_start(self) -> None:
-        # from_pretrained returns eval mode and Lightning keeps module modes: training needs train mode
-        # (dropout, where a model has any).
-        self.model.train()
+    def on_fit_start(self) -> None:
+        # from_pretrained returns eval mode, retention "before" may leave it so, and Lightning keeps module
+        # modes: train in train mode (dropout on, as the HF Trainer does), set here, after LokiCallback's
+        # install (setup) and before Lightning checks the modes at the start of training.
+        self.train()
 
     def forward(self, **batch: torch.Tensor):
         return self.model(**batch)

