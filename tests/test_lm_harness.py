@@ -140,5 +140,24 @@ def test_a_local_task_module_outside_the_extra_gets_its_own_pip_install(tmp_path
         "def clean(x):\n    return x\n"
     )
     assert task_modules("loki_local_probe", [tmp_path]) == ["loki_not_a_module_xyz"]
+    # a group naming the task, and a tag on it, need the same module
+    (tmp_path / "group.yaml").write_text("group: loki_local_group\ntask:\n  - loki_local_probe\n")
+    assert task_modules("loki_local_group", [tmp_path]) == ["loki_not_a_module_xyz"]
     with pytest.raises(LokiError, match=r"'loki_local_probe'.*'loki_not_a_module_xyz'.*run pip install loki_not_a_module_xyz \("):
         require_lm_eval({"tasks": ["loki_local_probe"], "include_path": str(tmp_path)})
+
+
+def test_the_paper_eval_extra_pulls_lm_evals_ifeval_extra():
+    import importlib.metadata
+    import re
+    import tomllib
+
+    pytest.importorskip("lm_eval", reason='lm-eval not installed (pip install -e ".[paper-eval]")')
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["paper-eval"]
+    lm_eval_req = next(r for r in extra if re.match(r"lm[-_]eval\b", r))
+    assert "ifeval" in re.search(r"\[(.*?)\]", lm_eval_req).group(1).split(",")
+    # what lm-eval's own ifeval extra installs covers what its IFEval task files import (packaging aside:
+    # transformers requires it)
+    requires = importlib.metadata.requires("lm_eval") or []
+    ifeval_extra = {re.match(r"[\w.\-]+", r).group(0).lower() for r in requires if 'extra == "ifeval"' in r}
+    assert set(task_modules("ifeval")) - {"packaging"} <= ifeval_extra

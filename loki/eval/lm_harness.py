@@ -8,9 +8,14 @@ after an underscore unless it is "none"; standard errors are dropped), and the t
 `forgetting_report` reads `score` where a benchmark has one, so over `eval=paper` its `avg` is the paper's
 Avg forgetting over TriviaQA, GSM8K, HellaSwag, WinoGrande, HumanEval and IFEval.
 
-lm-eval is an optional extra: `pip install -e ".[paper-eval]"`. Its tasks download their datasets from
-the Hugging Face hub (HumanEval also downloads the `code_eval` metric and executes generated code, which
-`confirm_run_unsafe_code: true` allows); offline, point `include_path` at local task YAMLs.
+lm-eval is an optional extra: `pip install -e ".[paper-eval]"` (lm-eval with its `hf` and `ifeval` extras).
+Before any model loads, `require_lm_eval` imports lm-eval and every module the chosen tasks' own code imports
+(`task_modules` reads them from the task YAMLs' `!function` modules and those files' import statements), so a
+missing one (IFEval: langdetect, immutabledict, nltk) stops the run with its `pip install`.
+
+Its tasks download their datasets from the Hugging Face hub (HumanEval also downloads the `code_eval`
+metric and executes generated code, which `confirm_run_unsafe_code: true` allows; IFEval downloads nltk's
+`punkt_tab` on first import); offline, point `include_path` at local task YAMLs.
 """
 
 from __future__ import annotations
@@ -129,14 +134,18 @@ def _read_yaml(path: Path, loader: type) -> dict:
 
 
 def _names(value: Any) -> list[str]:
-    return [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+    """A YAML value that is one name or a list of names, as a list (other entries dropped)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str)]
+    return []
 
 
 _DEFINES = re.compile(r"^(task|group|tag):[ \t]*(.*)$", re.M)
 _LIST_ITEM = re.compile(r"^[ \t]+-[ \t]*['\"]?([\w.\-]+)['\"]?[ \t]*$")
 
 
-@functools.lru_cache(maxsize=8)
 def _name_index(root: str) -> dict[str, tuple[str, ...]]:
     """name -> YAML files under `root` whose top-level task, group or tag lines mention it (one pass over
     lm-eval's ~14k task YAMLs without parsing them; the few candidates are parsed afterwards)."""
@@ -162,11 +171,16 @@ def _name_index(root: str) -> dict[str, tuple[str, ...]]:
     return {name: tuple(dict.fromkeys(paths)) for name, paths in index.items()}
 
 
+_installed_index = functools.lru_cache(maxsize=2)(_name_index)  # lm-eval's own tasks do not change in a process
+
+
 def _find_configs(name: str, dirs: Sequence[Path], loader: type) -> list[tuple[Path, dict]]:
-    """Every task YAML under `dirs` that defines `name` as a task, a group or a tag."""
+    """Every task YAML under `dirs` (the first: lm-eval's installed tasks) that defines `name` as a task, a
+    group or a tag."""
     found = []
-    for root in dirs:
-        for candidate in _name_index(str(Path(root).resolve())).get(name, ()):
+    for number, root in enumerate(dirs):
+        index = (_installed_index if number == 0 else _name_index)(str(Path(root).resolve()))  # include dirs: read afresh
+        for candidate in index.get(name, ()):
             path = Path(candidate)
             doc = _read_yaml(path, loader)
             task = doc.get("task")

@@ -61,25 +61,27 @@ REFERENCE_WEIGHTS = "model.safetensors"
 
 @dataclass(frozen=True)
 class ToySettings:
-    """Everything that determines the toy build; conf/model/toy.yaml documents each field."""
+    """Everything that determines the toy build (and its hash). The same values give the same weights on one
+    machine and library set; on another CPU (AVX-512 against AVX2) or other versions they may not, hence the
+    shipped reference. These are the `model=toy` config's defaults (loki.schema registers them)."""
 
-    seed: int = 0
-    num_entities: int = 60
-    num_rerank_train: int = 6000
-    num_eval_queries: int = 20
-    vocab_size: int = 768
-    hidden_size: int = 128
-    intermediate_size: int = 512
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    max_position_embeddings: int = 256
-    pretrain_steps: int = 600
-    batch_size: int = 64
-    lr: float = 3e-3
-    warmup_steps: int = 30
-    weight_decay: float = 0.01
-    threads: int = 1
+    seed: int = 0                           # seeds the world (names, facts, task data), the init and the data order
+    num_entities: int = 60                  # invented lands; 6 relations each, so 360 facts and benchmark questions
+    num_rerank_train: int = 6000            # reranker training conversations (query, product text, 1-7 score): one epoch = 357 steps of 16
+    num_eval_queries: int = 20              # BEIR queries; the corpus holds 4 products per query plus 20 unrelated ones
+    vocab_size: int = 768                   # byte-level BPE trained on the toy texts (digits stay one token each)
+    hidden_size: int = 128                  # D: rows of each down_proj.weight; q=0.05 keeps floor(0.05*128)=6 rows per layer
+    intermediate_size: int = 512            # F: columns of each down_proj.weight
+    num_hidden_layers: int = 4              # L: decoder layers
+    num_attention_heads: int = 4            # head dim 32
+    num_key_value_heads: int = 2            # grouped-query attention, as in Qwen2.5
+    max_position_embeddings: int = 256      # longest sequence; reranker prompts are about 70 tokens
+    pretrain_steps: int = 600               # optimizer steps of pretraining (about 20 epochs of the toy corpus)
+    batch_size: int = 64                    # pretraining sequences per step
+    lr: float = 3e-3                        # pretraining peak learning rate (AdamW, cosine decay to 10 %)
+    warmup_steps: int = 30                  # linear warm-up steps of pretraining
+    weight_decay: float = 0.01              # pretraining AdamW weight decay
+    threads: int = 1                        # torch threads during the build: fixed (results depend on it); 1 stays fast on a shared CPU
 
     @classmethod
     def from_cfg(cls, cfg: Any = None) -> "ToySettings":
