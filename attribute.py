@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import loki.toy  # noqa: F401  registers the ${toy:...} resolver that the toy model config uses
-from loki import analysis
+from loki import attribution
 from loki.config import check_attribute_config
 from loki.errors import LokiError
 from loki.store import HEATMAP_FILE
@@ -27,7 +27,7 @@ def run(cfg: DictConfig) -> None:
     check_attribute_config(cfg)  # every user-facing value, before data or model loading
     out_dir = None if cfg.out_dir == "auto" else cfg.out_dir
     logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else None
-    store = analysis.run(cfg, out_dir=out_dir, trainer_kwargs=OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger, progress=cfg.progress)
+    store = attribution.run(cfg, out_dir=out_dir, trainer_kwargs=OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger, progress=cfg.progress)
     if store is not None:  # rank 0
         L, D = store.shape
         print(f"KVA scores of {store.num_samples} samples ([{L} layers x {D} rows] each) in {store.dir}")

@@ -13,9 +13,9 @@ from loki.errors import LokiError
 # public name -> module that defines it
 _LAZY = {
     "LokiCallback": "loki.lightning.callback",
-    "KVAModule": "loki.lightning.kva",
+    "KVAModule": "loki.lightning.attribution",
     "CausalLMModule": "loki.lightning.module",
-    "run_attribution": "loki.lightning.kva",
+    "run_attribution": "loki.lightning.attribution",
     "attribute": "loki.kva",
     "select_positions": "loki.select",
     "load_positions": "loki.positions",

@@ -13,8 +13,47 @@ from torch import nn
 
 from loki.errors import LokiError
 
-# Model families that are tested (model_type as in the HF config); others with the same layout also load.
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
+@dataclass(frozen=True)
+class Family:
+    """What the project knows about one model family (`model_type` as in the HF config). The one table of
+    family facts: `kva.py`, `models.py` and the checks read it. Adding a family: one row here, plus a tiny
+    config of it in the tests (tests/test_arch.py)."""
+
+    model_type: str
+    # The decoder layer ends with `hidden = r + mlp(post_attention_layernorm(r))`, r being the input of
+    # post_attention_layernorm, so the scaled output of layer l is r_l + alpha * z_l exactly (KVA's fast path).
+    residual_add: bool = True
+
+
+# Families that are tested; others with the same layout (`<base>.layers[i].mlp.down_proj`) also load.
+FAMILIES = {f.model_type: f for f in (Family("qwen2"), Family("qwen3"), Family("llama"), Family("mistral"))}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+
+def family(model: nn.Module) -> Family | None:
+    """The family row of a model (a peft wrapper is seen through), None for an untested family."""
+    config = getattr(_unwrap(model), "config", None)
+    return FAMILIES.get(getattr(config, "model_type", None))
+
+
+def residual_add(model: nn.Module) -> bool:
+    """True when every decoder layer of the model adds its FFN output to the residual as in `Family`."""
+    row = family(model)
+    return bool(row and row.residual_add) and all(hasattr(layer, "post_attention_layernorm") for layer in decoder_layers(model))
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm after the last decoder layer (the owner of `layers` keeps it as `norm`)."""
+    layers = decoder_layers(model)
+    owner = next((m for m in _unwrap(model).modules() if getattr(m, "layers", None) is layers), None)
+    return getattr(owner, "norm", None)
+
+
+def is_decoder_layer(module: nn.Module) -> bool:
+    """A Hugging Face decoder layer (the unit FSDP wraps and gradient checkpointing recomputes)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return isinstance(module, GradientCheckpointingLayer)
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,21 @@
-"""The attribution stage's inputs, in plain torch: settings checks, MMLU prompts with targets, batching.
+"""The attribution stage (Analyse): KVA scores of every down_proj row over MMLU prompts, into a store.
 
-`loki.lightning.kva.run_attribution` runs the stage (a Lightning predict loop over `loki.kva.attribute`)
-and `loki.store` keeps the results. Nothing here imports Lightning.
+One name for one stage: `attribute.py` runs it, this module holds its inputs and its run, the `kva` and
+`data` config groups hold its settings, `loki.lightning.attribution` is its Lightning predict loop over
+`loki.kva.attribute` (the maths), and `loki.store` keeps the results under `<cache>/attribution/`.
+
+- Inputs, in plain torch: settings checks (`check_kva_settings`), MMLU prompts with targets, batching.
+- The run (`settings`, `default_store`, `run`), shared by `attribute.py` and `train.py` (which analyses
+  when `loki.scores=auto` finds no store). Both entry points compose the same config groups, and the
+  store's directory comes from one function of those settings (`loki.store.store_dir`), so they always
+  agree on where a store is and never reuse one made with other settings.
+Nothing here imports Lightning at module level.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +25,7 @@ from loki.device import pad_batch
 from loki.errors import LokiError
 from loki.kva import OBJECTIVES, SCOPES, resolve_recipe
 from loki.prompts import CLOZE_PROMPT_FORMAT, LETTER_PROMPT_FORMAT, cloze_context
+from loki.store import ScoreStore, store_dir
 
 TARGET_MODES = ("predicted", "gold")
 
@@ -127,3 +137,74 @@ class PadCollate:
         input_ids, attention_mask = pad_batch([item["input_ids"] for item in items], self.pad_token_id, side="left")
         targets = torch.tensor([item["target"] for item in items], dtype=torch.long) if self.with_targets else None
         return {"ids": [item["id"] for item in items], "input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+# load_mmlu's arguments among the data settings
+MMLU_ARGS = ("source", "path", "split", "subjects", "offset", "per_subject", "max_samples", "seed")
+
+
+def settings(cfg: Any) -> tuple[dict, dict]:
+    """The resolved `kva` and `data` settings as plain dicts; a local data path made absolute (it is
+    recorded in the store's meta, and the working directory must not matter)."""
+    from omegaconf import OmegaConf
+
+    from loki.data.chat import resolve_path
+
+    kva = check_kva_settings(OmegaConf.to_container(cfg.kva, resolve=True))  # the recipe's defaults filled in
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    if data.get("path"):
+        data["path"] = str(resolve_path(data["path"]).resolve())
+    return kva, data
+
+
+def default_store(cfg: Any) -> Path:
+    """Where the store of this model and these settings lives (`loki.scores=auto`, `out_dir=auto`)."""
+    kva, data = settings(cfg)
+    return store_dir(cfg.paths.cache_dir, cfg.model.name, kva, data)
+
+
+def load_rows(data: dict) -> list[dict]:
+    from loki.data.mmlu import load_mmlu
+
+    return load_mmlu(**{key: data[key] for key in MMLU_ARGS if key in data})
+
+
+def run(
+    cfg: Any,
+    model: Any = None,
+    tokenizer: Any = None,
+    out_dir: str | Path | None = None,
+    trainer_kwargs: dict | None = None,
+    logger: Any = None,
+    progress: bool = True,
+) -> ScoreStore | None:
+    """Analyse `cfg.model` (or the given, already loaded model) into its store; the store on rank 0."""
+    from loki.lightning.attribution import run_attribution
+    from loki.models import attention_for_attribution
+
+    kva, data = settings(cfg)
+    # Data before the model: a missing dataset fails in seconds, not after a multi-GB download.
+    rows = load_rows(data)
+    if model is None:
+        from loki.models import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(cfg.model)
+    # The target-scope path passes its own attention mask, which flash attention cannot take: sdpa while
+    # analysing, the configured attention afterwards.
+    with attention_for_attribution(model, needs_mask=kva["scope"] == "target"):
+        return run_attribution(
+            model,
+            tokenizer,
+            rows,
+            out_dir=out_dir or store_dir(cfg.paths.cache_dir, cfg.model.name, kva, data),
+            model_name=cfg.model.name,
+            kva=kva,
+            data=data,
+            batch_size=kva.get("batch_size", 8),
+            trainer_kwargs=trainer_kwargs,
+            logger=logger,
+            heatmap_q=kva.get("heatmap_q"),
+            progress=progress,
+        )

@@ -70,6 +70,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from loki import arch
 from loki.arch import decoder_layers
 from loki.errors import LokiError
 
@@ -80,9 +81,6 @@ RECIPES = ("paper", "published", "captum")
 _RECIPE_SCOPES = {"paper": ("target", "sequence"), "published": ("target",), "captum": ("sequence",)}
 _RECIPE_TIMES_ACTIVATION = {"paper": (False, True), "published": (True,), "captum": (True,)}
 
-# Families whose decoder layer ends with `hidden = r + mlp(post_attention_layernorm(r))`, r being the
-# input of post_attention_layernorm: the scaled output of layer l is r_l + alpha * z_l exactly.
-_RESIDUAL_ADD_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
 # The target-scope path passes its own additive float mask to the attention function.
 _MASKED_ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -222,24 +220,20 @@ class _Network:
     layers: nn.ModuleList
     final_norm: nn.Module
     head: nn.Module
-    residual_add: bool  # layer output == r_l + z_l (see _RESIDUAL_ADD_MODEL_TYPES)
+    residual_add: bool  # layer output == r_l + z_l (arch.Family.residual_add)
     attn_implementation: str
 
     @classmethod
     def of(cls, model: nn.Module) -> _Network:
         layers = decoder_layers(model)
-        owner = next((m for m in model.modules() if getattr(m, "layers", None) is layers), None)
-        final_norm = getattr(owner, "norm", None)
+        final_norm = arch.final_norm(model)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if final_norm is None or head is None:
             raise LokiError(
                 f"{type(model).__name__} has no final `norm` and output head; KVA needs a *ForCausalLM model."
             )
-        config = model.config
-        residual_add = config.model_type in _RESIDUAL_ADD_MODEL_TYPES and all(
-            hasattr(layer, "post_attention_layernorm") for layer in layers
-        )
-        return cls(model, layers, final_norm, head, residual_add, getattr(config, "_attn_implementation", "eager"))
+        attn = getattr(model.config, "_attn_implementation", "eager")
+        return cls(model, layers, final_norm, head, arch.residual_add(model), attn)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head(self.final_norm(hidden))

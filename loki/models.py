@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from loki import arch
 from loki.errors import LokiError
 from loki.files import exclusive_lock
 from loki.tokenizer import build_chat_tokenizer
@@ -337,12 +338,6 @@ class attention_for_attribution:
         return False
 
 
-def _decoder_layer(module: Any) -> bool:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return isinstance(module, GradientCheckpointingLayer)
-
-
 def fsdp_strategy(**kwargs: Any) -> Any:
     """Lightning's FSDPStrategy wrapping each HF decoder layer as one unit (conf/trainer/fsdp.yaml).
 
@@ -354,5 +349,5 @@ def fsdp_strategy(**kwargs: Any) -> Any:
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
-    kwargs.setdefault("auto_wrap_policy", functools.partial(lambda_auto_wrap_policy, lambda_fn=_decoder_layer))
+    kwargs.setdefault("auto_wrap_policy", functools.partial(lambda_auto_wrap_policy, lambda_fn=arch.is_decoder_layer))
     return FSDPStrategy(**kwargs)

@@ -18,8 +18,6 @@ against the residual the adapter was trained on (`loki.interpolate` takes the or
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -145,7 +143,9 @@ def corda_cache_path(cache_dir: str | Path, model_name: str, key: dict) -> Path:
     """<cache_dir>/corda/<model>-<digest>.pt: one decomposition per model, knowledge set, rank, targets and mode."""
     from loki.store import safe_name
 
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    from loki.files import settings_digest
+
+    digest = settings_digest(key, 16)
     return Path(cache_dir) / "corda" / f"{safe_name(model_name)}-{digest}.pt"
 
 

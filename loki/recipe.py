@@ -6,7 +6,6 @@ reads the working directory: every output goes under the run dir that Hydra made
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from loki.device import is_rank_zero
 from loki.lightning.module import CausalLMModule
 from loki.lightning.sharding import CompileForTraining, FullModelGather, release_process_group
 from loki.peft_methods import uses_peft
+from loki.files import settings_digest
 from loki.store import safe_name
 from loki.tasks import Task
 from loki.positions import Positions, check_q, load_positions, rows_per_layer, save_positions, validate_positions
@@ -104,13 +104,13 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
             positions = smallest_norm_positions((proj.weight for proj in arch.down_projs(model)), q)
             source = "smallest_norm selection (down_proj row norms), no attribution"
         return validate_positions(positions, d.num_layers, d.hidden_size), source
-    from loki import analysis
+    from loki import attribution
     from loki.attribution import prompt_format
     from loki.select import select_positions
     from loki.store import ScoreStore, check_meta, store_meta
 
     if loki_cfg.get("scores", "auto") == "auto":
-        store_dir = analysis.default_store(cfg)
+        store_dir = attribution.default_store(cfg)
         if not ScoreStore.exists(store_dir):
             if not loki_cfg.analyse_if_missing:
                 raise LokiError(
@@ -120,9 +120,9 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
                 )
             log.info("No attribution scores for %s with these settings yet: analysing first (once per base model and settings).", cfg.model.name)
             accelerator = cfg.trainer.get("accelerator", "auto")
-            analysis.run(cfg, model, tokenizer, trainer_kwargs={"accelerator": accelerator, "devices": 1})
+            attribution.run(cfg, model, tokenizer, trainer_kwargs={"accelerator": accelerator, "devices": 1})
         store = ScoreStore(store_dir)
-        kva, data = analysis.settings(cfg)
+        kva, data = attribution.settings(cfg)
         wanted = store_meta(model, tokenizer, cfg.model.name, kva, data, prompt_format(data.get("prompt") or "letter"))
         check_meta(store_dir, store.meta, wanted)  # same settings by construction: this checks model and prompts
     else:
@@ -130,7 +130,7 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
         # model or other KVA settings: those change what the scores mean.
         store_dir = Path(loki_cfg.scores).expanduser()
         store = ScoreStore(store_dir)
-        kva, data = analysis.settings(cfg)
+        kva, data = attribution.settings(cfg)
         wanted = store_meta(model, tokenizer, cfg.model.name, kva, data, prompt_format(data.get("prompt") or "letter"))
         check_meta(store_dir, {k: store.meta.get(k) for k in ("model", "shape", "kva")}, {k: wanted[k] for k in ("model", "shape", "kva")})
     if tuple(store.shape) != (d.num_layers, d.hidden_size):
@@ -163,6 +163,12 @@ OmegaConf.register_new_resolver("method", method_label, replace=True)  # ${metho
 
 def run(cfg: DictConfig) -> dict:
     """setup (every check) -> retention before -> fit -> merge -> task + retention after -> export."""
+    return train(cfg)[0]
+
+
+def train(cfg: DictConfig) -> tuple[dict, Setup | None]:
+    """`run`, also returning the run's `Setup`, whose `model` is the trained model as a plain HF model in
+    memory (rank 0; None elsewhere): the frontier evaluates it, and its interpolations, without a checkpoint."""
     started = time.time()
     pl.seed_everything(cfg.seed, workers=True)
     apply_lr_scale_with_q(cfg)  # optimizer.lr_scale_with_q: the optimizer's lr for this q, before any check
@@ -174,11 +180,11 @@ def run(cfg: DictConfig) -> dict:
     trainer.fit(module, datamodule=built.datamodule, ckpt_path=cfg.get("ckpt_path"))
     release_process_group(trainer)  # rank 0 evaluates alone from here; the other ranks return and exit
     if not trainer.is_global_zero:
-        return {}
+        return {}, None
     if built.peft_lora and export_format(cfg.export) == "adapter":  # peft's own adapter, before plain_model merges it
         save_peft_adapter(built.gathered_model if built.gathered_model is not None else module.model, built.run_dir / "adapter", cfg.model.name)
     model = plain_model(module, built)
-    return finish(cfg, built, model, retention_before, trainer, started)
+    return finish(cfg, built, model, retention_before, trainer, started), built
 
 
 def trainer_options(cfg: DictConfig, setup: Setup) -> dict:
@@ -258,16 +264,16 @@ def _peft_model(cfg: DictConfig, model: nn.Module, tokenizer: Any, device: torch
     targets = OmegaConf.to_container(lora.target_modules) if OmegaConf.is_config(lora.target_modules) else lora.target_modules
     knowledge, cache_file = None, None
     if variant == "corda":
-        from loki import analysis
+        from loki import attribution
 
-        _, data = analysis.settings(cfg)
+        _, data = attribution.settings(cfg)
         model_key = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in _SPEED_ONLY_MODEL_KEYS}
         key = {"model": model_key, "data": data, "rank": int(lora.rank), "targets": targets, "method": lora.get("corda_method", "kpm")}
         cache_file = corda_cache_path(cfg.paths.cache_dir, cfg.model.name, key)
         if not cache_file.is_file():
             from loki.attribution import build_prompts
 
-            rows = analysis.load_rows(data)
+            rows = attribution.load_rows(data)
             prompts = build_prompts(rows, tokenizer, system_prompt=data.get("system_prompt"), style=data.get("prompt") or "letter")
             knowledge = [p["input_ids"] for p in prompts]
             log.info("CorDA: decomposing the target weights over %d attribution prompts (cached at %s).", len(knowledge), cache_file)
@@ -419,8 +425,7 @@ _SPEED_ONLY_MODEL_KEYS = ("gradient_checkpointing", "compile", "attn_implementat
 def _retention_cache_path(cfg: DictConfig) -> Path:
     # The base model's retention depends only on the model and the retention settings: measure it once.
     model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in _SPEED_ONLY_MODEL_KEYS}
-    key = json.dumps({"model": model, "eval": OmegaConf.to_container(cfg.eval, resolve=True)}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    digest = settings_digest({"model": model, "eval": OmegaConf.to_container(cfg.eval, resolve=True)}, 16)
     return Path(cfg.paths.cache_dir) / "retention" / f"{safe_name(cfg.model.name)}-{digest}.json"
 
 
@@ -618,9 +623,9 @@ def log_run_files(cfg: DictConfig, setup: Setup, logger: Any) -> None:
         from loki.store import HEATMAP_FILE
 
         if cfg.loki.get("scores", "auto") == "auto":
-            from loki import analysis
+            from loki import attribution
 
-            store_dir = Path(analysis.default_store(cfg))
+            store_dir = Path(attribution.default_store(cfg))
         else:
             store_dir = Path(str(cfg.loki.scores)).expanduser()
         files.append(store_dir / HEATMAP_FILE)

@@ -30,7 +30,7 @@ import torch
 
 from loki import arch
 from loki.errors import LokiError
-from loki.files import write_atomic
+from loki.files import settings_digest, write_atomic
 
 FORMAT_VERSION = 2  # 2: settings-keyed directories, dtype-independent weight fingerprints, KVA recipe
 META_FILE, COMPLETE_FILE, SHARD_DIR, HEATMAP_FILE = "meta.json", "complete.json", "shards", "heatmap.png"
@@ -52,7 +52,7 @@ def settings_record(kva: dict, data: dict) -> dict:
 def settings_key(kva: dict, data: dict) -> str:
     """`<recipe>-<scope>-<digest>`: readable at a glance, unique per settings."""
     record = _json_ready(settings_record(kva, data))
-    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+    digest = settings_digest(record, 12)
     return f"{kva.get('recipe') or 'paper'}-{kva.get('scope')}-{digest}"
 
 

@@ -65,18 +65,18 @@ def _cached(path: Path, compute):
 
 def attribution(study: StudyConfig, model=None, tokenizer=None) -> dict[str, Path]:
     """Stage 1: the store of each recipe (resumed if a run was stopped); recipe -> store dir."""
-    from loki import analysis
+    from loki import attribution
     from loki.store import ScoreStore
 
     stores = {}
     for recipe in study.recipes:
         cfg = compose_train(real_overrides(study, recipe))
-        store_dir = analysis.default_store(cfg)
+        store_dir = attribution.default_store(cfg)
         if not ScoreStore.exists(store_dir):
             if study.suppression.cached_only:  # tables only: a recipe without a finished store is left out
                 continue
             _log(f"attribution {recipe}: {store_dir}")
-            analysis.run(cfg, model, tokenizer, trainer_kwargs={"accelerator": "cpu", "devices": 1}, progress=False)
+            attribution.run(cfg, model, tokenizer, trainer_kwargs={"accelerator": "cpu", "devices": 1}, progress=False)
         stores[recipe] = store_dir
     return stores
 

@@ -78,7 +78,7 @@ def random_ranking(extra: Sequence[str]) -> dict:
 def suppression(extra: Sequence[str], sup: SuppressionConfig) -> list[tuple[SuppressionKey, dict]]:
     """Retention after zeroing the KVA-lowest, KVA-highest or random rows (per layer, k = floor(q D)): each
     measurement's key and its study.json row {q, rows, before, after}."""
-    from loki import analysis
+    from loki import attribution
     from loki.eval import run_retention
     from loki.models import load_model_and_tokenizer
     from loki.store import ScoreStore
@@ -86,9 +86,9 @@ def suppression(extra: Sequence[str], sup: SuppressionConfig) -> list[tuple[Supp
 
     cfg = compose_train(list(extra))
     model, tokenizer = load_model_and_tokenizer(cfg.model)
-    store_dir = analysis.default_store(cfg)
+    store_dir = attribution.default_store(cfg)
     if not ScoreStore.exists(store_dir):  # no training arm ran first: analyse now, as train.py would
-        analysis.run(cfg, model, tokenizer, trainer_kwargs={"accelerator": "cpu", "devices": 1}, progress=False)
+        attribution.run(cfg, model, tokenizer, trainer_kwargs={"accelerator": "cpu", "devices": 1}, progress=False)
     reference = tempfile.mkdtemp(prefix="loki-suppression-")  # the intact model's distributions, for the KL
     base = run_retention(model, tokenizer, cfg.eval, reference_dir=reference, stage="before")
     intact = {k: v.clone() for k, v in model.state_dict().items()}

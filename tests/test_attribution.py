@@ -12,14 +12,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import loki.lightning.kva as kva_stage
-from loki import analysis, plots
-from loki.lightning.kva import run_attribution
+import loki.lightning.attribution as kva_stage
+from loki import attribution as analysis_stage, plots
+from loki.lightning.attribution import run_attribution
 from loki.store import ScoreStore, shard_ids, stored_ids, write_shard
 from loki.data.mmlu import answer_token_id, load_mmlu, mc_prompt_ids
 from loki.errors import LokiError
 from loki.kva import attribute
 from loki.models import load_model_and_tokenizer
+from tests.conftest import compose_config
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "mmlu" / "test.jsonl"
@@ -42,7 +43,7 @@ CPU = {"accelerator": "cpu", "devices": 1}
 @pytest.fixture(scope="module")
 def tiny():
     """The `model=tiny` model (seeded random Qwen2 + local tokenizer), as attribute.py builds it."""
-    model, tokenizer = load_model_and_tokenizer(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml"))
+    model, tokenizer = load_model_and_tokenizer(compose_config("train", "model=tiny").model)
     return model.eval(), tokenizer
 
 
@@ -182,7 +183,7 @@ def test_refuses_store_made_with_other_settings_or_model(tiny, rows, full_run):
     with pytest.raises(LokiError, match=r"other settings \(kva\.(recipe is 'paper' there but 'captum'|scope is 'target' there but 'sequence')"):
         _run(tiny, rows, full_run.dir, kva=captum)
     other_model, tokenizer = load_model_and_tokenizer(
-        OmegaConf.merge(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml"), {"seed": 1})
+        OmegaConf.merge(compose_config("train", "model=tiny").model, {"seed": 1})
     )
     with pytest.raises(LokiError, match=r"another model \(model\.weights_fingerprint"):
         _run((other_model, tokenizer), rows, full_run.dir)
@@ -288,16 +289,16 @@ def test_train_and_attribute_compose_the_same_settings_and_store(tiny, tmp_path)
     overrides = ["model=tiny", f"paths.cache_dir={tmp_path}", "data.max_samples=3", "kva.steps=1", "kva.heatmap_q=null"]
     train_cfg = _compose("train", *overrides, "task=tiny_rerank")
     attribute_cfg = _compose("attribute", *overrides)
-    assert analysis.default_store(train_cfg) == analysis.default_store(attribute_cfg)
-    store = analysis.run(train_cfg, *tiny, trainer_kwargs=CPU, progress=False)
-    assert store.dir == analysis.default_store(attribute_cfg) and ScoreStore.exists(store.dir) and store.num_samples == 3
+    assert analysis_stage.default_store(train_cfg) == analysis_stage.default_store(attribute_cfg)
+    store = analysis_stage.run(train_cfg, *tiny, trainer_kwargs=CPU, progress=False)
+    assert store.dir == analysis_stage.default_store(attribute_cfg) and ScoreStore.exists(store.dir) and store.num_samples == 3
     meta = json.loads((store.dir / "meta.json").read_text())
     assert meta["kva"]["steps"] == 1 and meta["kva"]["recipe"] == "published"  # the configs' default
     # Precedence: conf/data/mmlu.yaml < the model config's attribution.data < the command line.
     assert meta["data"]["per_subject"] == 2 and meta["data"]["split"] == "test" and meta["data"]["max_samples"] == 3
     # Other settings, another store: never a silent reuse.
     other = _compose("train", *overrides, "task=tiny_rerank", "kva.recipe=paper")
-    assert analysis.default_store(other) != store.dir and analysis.default_store(other).parent == store.dir.parent
+    assert analysis_stage.default_store(other) != store.dir and analysis_stage.default_store(other).parent == store.dir.parent
 
 
 def test_attribute_yaml_takes_data_defaults_from_the_model_config():
@@ -308,7 +309,7 @@ def test_attribute_yaml_takes_data_defaults_from_the_model_config():
     assert cli_cfg.data.per_subject == 2 and cli_cfg.data.path == "tests/fixtures/mmlu/test.jsonl"
     assert qwen_cfg.data.path is None and qwen_cfg.data.per_subject == 50 and qwen_cfg.data.source == "cais/mmlu"
     # A "/" in the name is one directory level, the same for both entry points.
-    store = analysis.default_store(qwen_cfg)
+    store = analysis_stage.default_store(qwen_cfg)
     assert store.parent.name == "Qwen--Qwen2.5-0.5B-Instruct" and store.name.startswith("published-target-")
     assert qwen_cfg.out_dir == "auto" and qwen_cfg.trainer.devices == 1
 

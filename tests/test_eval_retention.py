@@ -257,18 +257,18 @@ def _ret(**bench):
 
 
 def test_check_disjoint_accepts_the_shipped_configs():
-    from omegaconf import OmegaConf
-
+    """Every shipped model's composed attribution prompts and retention benchmarks (groups on their schemas)."""
     from loki.eval import check_disjoint
+    from tests.conftest import compose_config
 
-    data = OmegaConf.merge({"model": {}}, {"data": _load_conf("conf/data/mmlu.yaml")}).data  # the attribution defaults
-    assert data.offset == 0 and data.per_subject == 50
-    check_disjoint(data, _load_conf("conf/eval/default.yaml"))
-    tiny = _attr(source="cais/mmlu", path=MMLU, per_subject=2)  # conf/model/tiny.yaml's attribution must keep 2 per subject
-    check_disjoint(tiny, _load_conf("conf/eval/tiny.yaml"))
-    toy = OmegaConf.merge({"model": {"benchmark": "/toy/world/benchmark.jsonl"}}, {"eval": _load_conf("conf/eval/toy.yaml")})
-    check_disjoint(_attr(source=None, path="/toy/world/benchmark.jsonl", per_subject=40), toy.eval)
-    check_disjoint(_attr(), _load_conf("conf/eval/paper.yaml"))
+    default = compose_config("train", "model=qwen0.5b")
+    assert default.data.offset == 0 and default.data.per_subject == 50  # the attribution defaults
+    assert {b.offset for b in default.eval.benchmarks.values()} == {50}  # retention starts after them
+    for overrides in (["model=qwen0.5b"], ["model=smollm135m"], ["model=tiny"], ["model=qwen0.5b", "eval=paper"]):
+        cfg = compose_config("train", *overrides)
+        check_disjoint(cfg.data, cfg.eval)
+    toy = compose_config("train", "model=toy", "model.benchmark=/toy/world/benchmark.jsonl")
+    check_disjoint(toy.data, toy.eval)
 
 
 def test_check_disjoint_refuses_overlapping_rows():

@@ -121,9 +121,9 @@ def test_tiny_real_study_runs_and_resumes(tmp_path, monkeypatch):
     assert doc.startswith("# kept prose") and doc.rstrip().endswith("more prose") and "old" not in doc
 
     # cached_only: a recipe without a finished store and an arm without a finished run are left out, not run
-    import loki.analysis
+    import loki.attribution
 
-    monkeypatch.setattr(loki.analysis, "run", refuse)
+    monkeypatch.setattr(loki.attribution, "run", refuse)
     s["recipes"] = ["paper", "published", "captum"]
     s["attribution"]["captum"] = []
     s["suppression"]["cached_only"] = True

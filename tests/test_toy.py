@@ -28,6 +28,7 @@ from loki.toy.build import (
     weights_sha256,
 )
 from loki.toy.world import RELATIONS, generate_world, write_world
+from tests.conftest import compose_config
 
 TOY_YAML = Path(__file__).resolve().parents[1] / "conf" / "model" / "toy.yaml"
 
@@ -165,7 +166,7 @@ def test_the_build_path_builds_a_small_toy(tmp_path):
 def test_the_default_config_loads_the_shipped_reference_without_building(tmp_path):
     import loki.toy  # noqa: F401
 
-    yaml = OmegaConf.load(TOY_YAML)
+    yaml = compose_config("train", "model=toy").model  # conf/model/toy.yaml on its schema
     assert yaml.build is False
     model_cfg = OmegaConf.merge(yaml, {"cache_dir": str(tmp_path), "benchmark": None, "attribution": None})
     manifest = reference_manifest()
@@ -230,8 +231,8 @@ def test_the_reference_toy_knows_its_facts_and_its_digits(tmp_path):
 
 
 def test_the_model_config_matches_the_default_settings():
-    # conf/model/toy.yaml, ToySettings' defaults and the shipped reference must name the same toy.
-    yaml = OmegaConf.load(TOY_YAML)
+    # model=toy (conf/model/toy.yaml on its schema), ToySettings' defaults and the shipped reference must name the same toy.
+    yaml = compose_config("train", "model=toy").model  # conf/model/toy.yaml on its schema
     assert yaml.source == "toy"
     from_yaml = {f: yaml[f] for f in ToySettings.__dataclass_fields__}
     assert ToySettings(**from_yaml) == ToySettings()

@@ -31,9 +31,9 @@ def test_train_runs_the_whole_pipeline_and_touches_only_selected_rows(tmp_path):
     metrics, run_dir = _train(tmp_path, "loki.q=0.25", "loki.impl=rows")
     # Attribution ran first (no scores existed) and wrote its store where loki.scores=auto finds it.
     cfg = compose_config("train", *TINY, f"paths.cache_dir={tmp_path / 'cache'}")
-    from loki import analysis
+    from loki import attribution
 
-    assert (analysis.default_store(cfg) / "complete.json").exists()
+    assert (attribution.default_store(cfg) / "complete.json").exists()
     assert metrics["method"] == "loki-q0.25" and metrics["steps"] == 3
     assert set(metrics["retention"]) == {"before", "after"}
     assert "map@1" in metrics["task_metrics"] and "avg" in metrics["forgetting"]
@@ -84,9 +84,9 @@ def test_scores_of_other_weights_under_the_same_name_are_refused(tmp_path):
     with pytest.raises(LokiError, match=r"made with another model \(model\.weights_fingerprint is"):
         _train(tmp_path, "loki.q=0.25", "model.seed=1", run="other")
     # A `published` store (the default) named by path is refused for recipe=captum: the recipe is part of its identity.
-    from loki import analysis
+    from loki import attribution
 
-    store = analysis.default_store(compose_config("train", *TINY, f"paths.cache_dir={tmp_path / 'cache'}"))
+    store = attribution.default_store(compose_config("train", *TINY, f"paths.cache_dir={tmp_path / 'cache'}"))
     with pytest.raises(LokiError, match=r"other settings \(kva\.recipe is 'published' there but 'captum' now\)"):
         _train(tmp_path, "loki.q=0.25", f"loki.scores={store}", "kva.recipe=captum", run="captum")
 

@@ -573,7 +573,9 @@ def _candidates_key(files: list[Path], queries: dict[str, str], top_n: int, judg
         "judged": hashlib.sha256("\n".join(sorted(judged)).encode()).hexdigest(),
         "tokeniser": [_TOKEN_PATTERN.pattern, "lower", "stopwords=bm25s.en", "no stemmer", BM25_K1, BM25_B, version],
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+    from loki.files import settings_digest
+
+    return settings_digest(parts, 24)
 
 
 def _cached_path(key: str) -> Path:

@@ -44,11 +44,15 @@ measure is the same whatever the stage. `before`'s kl is 0.0 and top1_agree 1.0 
 Keys returned: `retention/<benchmark>/<measure>`; `<benchmark>` is the key under `eval.benchmarks`;
 `n` counts prompts (rows or documents), `tokens` the tokens an `lm_loss` scored. lm-evaluation-harness
 tasks (`eval.lm_eval`) add `retention/lm_eval/<task>/<metric>` (loki.eval.lm_harness).
+
+Per-item values (`run_retention(..., items={})`), so a figure can be bootstrapped: `items[<benchmark>]`
+lists one dict per prompt or text, from which the aggregate is recomputed exactly: letter/cloze
+{"id", "correct", "logprob"} (acc = mean correct, logprob = mean logprob); kl {"kl"} (kl = the mean);
+lm_loss {"nll", "tokens"} (lm_loss = sum nll / sum tokens).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -147,10 +151,23 @@ def _summarise(choice_scores: torch.Tensor, answers: torch.Tensor) -> dict[str, 
     }
 
 
+def _item_rows(examples: Sequence[Mapping], choice_scores: torch.Tensor, answers: torch.Tensor) -> list[dict]:
+    """Per-row values behind `_summarise`'s `acc` and `logprob`: {"id", "correct", "logprob"} (the id is
+    the row's own, else its index), computed exactly as the aggregate computes them."""
+    gold = torch.log_softmax(choice_scores.double(), dim=-1)[torch.arange(len(answers)), answers]
+    correct = choice_scores.argmax(-1) == answers
+    return [{"id": ex.get("id", i), "correct": bool(correct[i]), "logprob": float(gold[i])} for i, ex in enumerate(examples)]
+
+
 # ------------------------------------------------------------------------------ multiple choice
 
 
-def score_letter(model, tokenizer, examples: Sequence[Mapping], batch_size: int = 8) -> dict[str, float]:
+def score_letter(
+    model, tokenizer, examples: Sequence[Mapping], batch_size: int = 8, items: list | None = None
+) -> dict[str, float]:
+    """Letter scores of multiple-choice rows; with `items` (a list), one dict per row is appended as in
+    `score_cloze`: its id, whether the top letter is the gold one, and the gold letter's log-probability
+    among the four letters."""
     from loki.data.mmlu import letter_token_ids, mc_prompt_ids
 
     letter_ids = letter_token_ids(tokenizer)
@@ -158,6 +175,8 @@ def score_letter(model, tokenizer, examples: Sequence[Mapping], batch_size: int 
     logits = next_token_logits(model, prompts, pad_token_id(tokenizer), batch_size)
     letter_logits = torch.stack([row[letter_ids] for row in logits])
     answers = torch.tensor([int(ex["answer"]) for ex in examples])
+    if items is not None:
+        items.extend(_item_rows(examples, letter_logits, answers))
     return _summarise(letter_logits, answers)
 
 
@@ -250,10 +269,7 @@ def score_cloze(
     out = _summarise(scores, answers)
     out["acc_norm"] = float((per_byte.argmax(-1) == answers).double().mean())
     if items is not None:
-        gold = torch.log_softmax(scores, dim=-1)[torch.arange(len(answers)), answers]
-        correct = scores.argmax(-1) == answers
-        for i, ex in enumerate(examples):
-            items.append({"id": ex.get("id", i), "correct": bool(correct[i]), "logprob": float(gold[i])})
+        items.extend(_item_rows(examples, scores, answers))
     return out
 
 
@@ -317,12 +333,17 @@ def _sequences(tokenizer, name: str, bench: Mapping[str, Any], default_prompt: s
     return seqs
 
 
-def score_lm_loss(model, tokenizer, sequences: Sequence[Sequence[int]], batch_size: int = 8) -> dict[str, float]:
+def score_lm_loss(
+    model, tokenizer, sequences: Sequence[Sequence[int]], batch_size: int = 8, items: list | None = None
+) -> dict[str, float]:
     """Mean NLL (nats) over every predicted token (each token given all before it; the first is not
-    predicted), summed over all texts then divided by the token count (token-weighted)."""
+    predicted), summed over all texts then divided by the token count (token-weighted). With `items` (a
+    list), one dict per scored text (texts of at least two tokens, in input order) is appended:
+    {"nll": its summed NLL in nats, "tokens": its predicted tokens}, so lm_loss = sum(nll) / sum(tokens)."""
     usable = [s for s in sequences if len(s) >= 2]
     if not usable:
         raise LokiError("lm_loss needs texts of at least two tokens.")
+    per_text: list[dict[str, float] | None] = [None] * len(usable)
     total, tokens = 0.0, 0
     spans = [(0, len(s) - 1) for s in usable]  # every position but the last predicts a token; padding is skipped
     for chunk, rows in span_logits(model, usable, spans, pad_token_id(tokenizer), batch_size):
@@ -330,8 +351,12 @@ def score_lm_loss(model, tokenizer, sequences: Sequence[Sequence[int]], batch_si
             n = len(usable[i])
             targets = torch.as_tensor(list(usable[i][1:]), device=logits.device)
             lp = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])
-            total -= float(lp.double().sum())
+            nll = -float(lp.double().sum())
+            total += nll
             tokens += n - 1
+            per_text[i] = {"nll": nll, "tokens": n - 1}
+    if items is not None:
+        items.extend(per_text)  # type: ignore[arg-type]
     return {"lm_loss": total / tokens, "n": float(len(usable)), "tokens": float(tokens)}
 
 
@@ -349,10 +374,10 @@ def _measured(picked: torch.Tensor) -> torch.Tensor:
 
 
 def _digest(sequences: Sequence[Sequence[int]], settings: Mapping[str, Any]) -> str:
-    h = hashlib.sha256(json.dumps(dict(settings), sort_keys=True).encode())
-    for seq in sequences:
-        h.update(json.dumps(list(map(int, seq))).encode())
-    return h.hexdigest()[:24]
+    """What a stored base distribution was measured on: the settings and every prompt's token ids."""
+    from loki.files import settings_digest
+
+    return settings_digest({"settings": dict(settings), "sequences": [list(map(int, s)) for s in sequences]}, 24)
 
 
 def reference_path(reference_dir: str | Path, name: str) -> Path:
@@ -424,8 +449,11 @@ def read_kl_reference(path: Path, name: str, sequences, positions: str, top_k: i
     return state
 
 
-def score_kl(model, sequences, state: Mapping[str, Any], pad_id: int, batch_size: int) -> dict[str, float]:
-    """Mean over prompts of KL(p_base || p_model) (per prompt: the mean over its measured positions)."""
+def score_kl(
+    model, sequences, state: Mapping[str, Any], pad_id: int, batch_size: int, items: list | None = None
+) -> dict[str, float]:
+    """Mean over prompts of KL(p_base || p_model) (per prompt: the mean over its measured positions).
+    With `items` (a list), one {"kl": that prompt's KL} per prompt is appended, in prompt order."""
     positions, offsets = state["positions"], state["offsets"]
     per_prompt = [0.0] * len(sequences)
     agree, measured = 0, 0
@@ -449,6 +477,8 @@ def score_kl(model, sequences, state: Mapping[str, Any], pad_id: int, batch_size
             per_prompt[i] = float(kl.clamp(min=0).mean())
             agree += int((lq.argmax(-1) == base_top).sum())
             measured += hi - lo
+    if items is not None:
+        items.extend({"kl": value} for value in per_prompt)
     return {"kl": sum(per_prompt) / len(per_prompt), "top1_agree": agree / measured, "n": float(len(sequences))}
 
 
@@ -480,20 +510,26 @@ def run_benchmark(
     batch_size: int = 8,
     reference_dir: str | Path | None = None,
     stage: str | None = None,
+    items: dict | None = None,
 ) -> dict[str, float]:
-    """One benchmark's `retention/<name>/<measure>` values ({} for a `kl` benchmark without a reference)."""
+    """One benchmark's `retention/<name>/<measure>` values ({} for a `kl` benchmark without a reference).
+
+    With `items` (a dict), `items[name]` is set to the per-prompt (per-text) values behind the aggregate:
+    letter/cloze {"id", "correct", "logprob"} per row; kl {"kl"} per prompt (0.0 for stage "before");
+    lm_loss {"nll", "tokens"} per scored text. A skipped `kl` benchmark sets nothing."""
     get = bench.get
     mode = get("mode", "letter")
+    rows: list | None = [] if items is not None else None
     if mode == "letter":
         examples = load_rows(bench)
-        scores = score_letter(model, tokenizer, examples, batch_size)
+        scores = score_letter(model, tokenizer, examples, batch_size, items=rows)
         scores["n"] = float(len(examples))
     elif mode == "cloze":
         examples = load_rows(bench)
-        scores = score_cloze(model, tokenizer, examples, batch_size, bool(get("chat_template", True)))
+        scores = score_cloze(model, tokenizer, examples, batch_size, bool(get("chat_template", True)), items=rows)
         scores["n"] = float(len(examples))
     elif mode == "lm_loss":
-        scores = score_lm_loss(model, tokenizer, _sequences(tokenizer, name, bench, "text"), batch_size)
+        scores = score_lm_loss(model, tokenizer, _sequences(tokenizer, name, bench, "text"), batch_size, items=rows)
     elif mode == "kl":
         positions, top_k = _kl_settings(name, bench)
         if stage is None or reference_dir is None:
@@ -509,11 +545,15 @@ def run_benchmark(
         if stage == "before":
             write_kl_reference(model, sequences, path, name, positions, top_k, pad, batch_size)
             scores = {"kl": 0.0, "top1_agree": 1.0, "n": float(len(sequences))}
+            if rows is not None:
+                rows.extend({"kl": 0.0} for _ in sequences)
         else:
             state = read_kl_reference(path, name, sequences, positions, top_k)
-            scores = score_kl(model, sequences, state, pad, batch_size)
+            scores = score_kl(model, sequences, state, pad, batch_size, items=rows)
     else:
         raise LokiError(f"eval.benchmarks.{name}.mode must be one of {', '.join(MODES)}; got {mode!r}.")
+    if items is not None:
+        items[name] = rows
     return {f"retention/{name}/{measure}": value for measure, value in scores.items()}
 
 
@@ -546,11 +586,14 @@ def run_retention(
     *,
     reference_dir: str | Path | None = None,
     stage: str | None = None,
+    items: dict | None = None,
 ) -> dict[str, float]:
     """Every benchmark under `retention_cfg.benchmarks` (name -> settings), then the lm-eval tasks.
 
     `stage="before"` (the base model) writes the `kl` benchmarks' base distributions under
     `reference_dir`; `stage="after"` compares against them. Neither: `kl` benchmarks are skipped.
+    With `items` (a dict), each benchmark's per-item values fill `items[<benchmark>]` (see
+    `run_benchmark`); lm-eval tasks add none. The returned values are the same with or without it.
     """
     if stage not in STAGES:
         raise LokiError(f"run_retention stage must be None, 'before' or 'after', got {stage!r}.")
@@ -560,7 +603,7 @@ def run_retention(
         out: dict[str, float] = {}
         batch_size = int(retention_cfg.get("batch_size", 8))
         for name, bench in _enabled(retention_cfg):
-            out.update(run_benchmark(model, tokenizer, name, bench, batch_size, reference_dir, stage))
+            out.update(run_benchmark(model, tokenizer, name, bench, batch_size, reference_dir, stage, items=items))
         from loki.eval.lm_harness import run_lm_harness
 
         out.update(run_lm_harness(model, tokenizer, retention_cfg.get("lm_eval")))

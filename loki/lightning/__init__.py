@@ -7,7 +7,7 @@
 """
 
 from loki.lightning.callback import LokiCallback
-from loki.lightning.kva import KVAModule, ScoreWriter, run_attribution
+from loki.lightning.attribution import KVAModule, ScoreWriter, run_attribution
 from loki.lightning.module import CausalLMModule, warmup_decay_lambda
 from loki.lightning.progress import SamplesProgressBar
 

@@ -1,4 +1,4 @@
-"""The fine-tuning LightningModule (the attribution predict loop is `loki.lightning.kva.KVAModule`).
+"""The fine-tuning LightningModule (the attribution predict loop is `loki.lightning.attribution.KVAModule`).
 
 The fine-tuning module is deliberately plain: the HF model lives at `self.model` (where LokiCallback
 finds it), the loss is the model's own causal-LM loss over `labels` (-100 = ignored), and the optimizer

@@ -25,13 +25,13 @@ class Config(TaskEvalConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from loki.eval.bfcl import AST_CATEGORIES
+        from loki.eval.bfcl import AST_CATEGORIES, CATEGORY_ALIASES
 
         k = checks.key
         checks.text(k("data_dir"), self.data_dir, optional=True)
         checks.string_list(k("categories"), self.categories)
         for category in self.categories or ():
-            checks.one_of(k("categories"), category, AST_CATEGORIES)
+            checks.one_of(k("categories"), category, (*AST_CATEGORIES, *CATEGORY_ALIASES))
         checks.integer(k("max_samples"), self.max_samples, low=1, optional=True)
         checks.integer(k("val_max_samples"), self.val_max_samples, low=1, optional=True)
         checks.integer(k("max_new_tokens"), self.max_new_tokens, low=1)

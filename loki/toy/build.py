@@ -96,8 +96,9 @@ class ToySettings:
         return cls(**values)
 
     def build_hash(self) -> str:
-        key = json.dumps({"format": BUILD_FORMAT, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(key.encode()).hexdigest()[:12]
+        from loki.files import settings_digest
+
+        return settings_digest({"format": BUILD_FORMAT, **asdict(self)}, 12)
 
 
 def default_cache_dir() -> Path:

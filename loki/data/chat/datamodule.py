@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 
 from loki.data.chat import cache
 from loki.data.chat.config import ChatDataConfig
@@ -36,6 +37,85 @@ def collate_right_padded(rows: Sequence[Mapping[str, Sequence[int]]], pad_token_
             [r["input_ids"] for r in rows], pad_token_id, side="right", fill=[r["position_ids"] for r in rows], fill_pad=0
         )
     return batch
+
+
+class ResumableSampler(DistributedSampler):
+    """The shuffled training order of one rank, a function of (seed, epoch) alone, that can start part-way.
+
+    One process: epoch e is the order a `DataLoader(shuffle=True, generator=Generator().manual_seed(seed))`
+    gives in its (e+1)-th pass (the loader draws one worker seed, then the RandomSampler one permutation,
+    per pass), so runs keep the order they had before resuming became exact. Several processes: the order
+    of Lightning's `DistributedSampler(seed=seed)` for this rank. Being a `DistributedSampler`, Lightning
+    keeps it instead of injecting its own. `resume_at(epoch, skip)` makes the next pass over that epoch
+    leave out its first `skip` samples (those trained on before the checkpoint), once.
+    """
+
+    def __init__(self, dataset, seed: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self._resume: tuple[int, int] | None = None  # (epoch, samples of it to leave out)
+
+    def resume_at(self, epoch: int, skip: int) -> None:
+        self.epoch = epoch  # Lightning sets it again at the epoch start; the first pass may come before
+        self._resume = (epoch, skip)
+
+    def order(self, epoch: int) -> list[int]:
+        """This rank's indices for `epoch`, in order, in full."""
+        if self.num_replicas > 1:
+            current, self.epoch = self.epoch, epoch
+            try:
+                return list(super().__iter__())
+            finally:
+                self.epoch = current
+        generator = torch.Generator().manual_seed(self.seed)
+        n = len(self.dataset)
+        for _ in range(epoch + 1):
+            torch.empty((), dtype=torch.int64).random_(generator=generator)  # the loader's worker seed
+            indices = torch.randperm(n, generator=generator).tolist()
+        return indices
+
+    def __iter__(self):
+        indices = self.order(self.epoch)
+        if self._resume is not None and self._resume[0] == self.epoch:
+            indices = indices[self._resume[1] :]
+            self._resume = None
+        return iter(indices)
+
+
+class ResumableDataLoader(DataLoader):
+    """The training loader, stateful for Lightning: its state (the epoch and the batches of it already
+    trained on, as the trainer counts them) goes into the checkpoint's fit-loop state and, on resume,
+    makes the sampler continue that epoch where the checkpoint left it, so a run killed mid-epoch and
+    resumed ends exactly as an uninterrupted one. `progress` returns (epoch, batches trained in it)."""
+
+    def __init__(self, *args, progress=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+
+    def state_dict(self) -> dict:
+        epoch, batches = self.progress() if self.progress is not None else (self.sampler.epoch, 0)
+        if batches >= len(self):  # saved at the end of an epoch: the next one starts from its beginning
+            epoch, batches = epoch + 1, 0
+        return {
+            "epoch": int(epoch),
+            "batches": int(batches),
+            "batch_size": self.batch_size,
+            "num_replicas": self.sampler.num_replicas,
+            "samples": len(self.dataset),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        wanted = {"batch_size": self.batch_size, "num_replicas": self.sampler.num_replicas, "samples": len(self.dataset)}
+        changed = {k: (state.get(k), v) for k, v in wanted.items() if state.get(k) != v}
+        if changed:
+            log.warning(
+                "Resuming epoch %d with other data settings than the checkpoint's (%s): it starts again from its "
+                "first batch, so the resumed run is not the exact continuation of the interrupted one.",
+                state["epoch"],
+                ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()),
+            )
+            self.sampler.resume_at(state["epoch"], 0)
+            return
+        self.sampler.resume_at(state["epoch"], state["batches"] * self.batch_size)
 
 
 class ChatSFTDataModule(pl.LightningDataModule):
@@ -171,15 +251,30 @@ class ChatSFTDataModule(pl.LightningDataModule):
         return collate_right_padded(rows, pad_token_id(self.tokenizer))
 
     def train_dataloader(self) -> DataLoader:
+        # The loader's own generator only seeds workers (kept so the global RNG is not drawn from); the
+        # order comes from the sampler, resumable mid-epoch (ResumableSampler).
         generator = torch.Generator().manual_seed(self.config.seed)
-        return DataLoader(
+        replicas = getattr(self._trainer_strategy(), "distributed_sampler_kwargs", None) or {}
+        sampler = ResumableSampler(
+            self.train_examples, self.config.seed, num_replicas=replicas.get("num_replicas", 1), rank=replicas.get("rank", 0)
+        )
+        return ResumableDataLoader(
             self.train_examples,
             batch_size=self.config.batch_size,
-            shuffle=True,
+            sampler=sampler,
             generator=generator,
             collate_fn=self._collate,
             num_workers=self.config.num_workers,
+            progress=self._train_progress,
         )
+
+    def _trainer_strategy(self):
+        return self.trainer.strategy if self.trainer is not None else None
+
+    def _train_progress(self) -> tuple[int, int]:
+        """(epoch, training batches of it whose step has run), as the trainer's fit loop counts them."""
+        loop = self.trainer.fit_loop
+        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_examples:

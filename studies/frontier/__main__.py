@@ -1,0 +1,41 @@
+"""`python -m studies.frontier frontier=<name> [shard=i/n] [report_only=true]`: compose conf/frontier.yaml,
+check it, run this process's share of the design, write the report (studies/frontier/run.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[2] / "conf"), config_name="frontier")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.global_hydra import GlobalHydra
+
+    from loki import checks
+    from loki.errors import LokiError
+    from studies.frontier.run import FrontierConfig, main as run_frontier
+
+    try:
+        # Everything read now, while Hydra's run config resolves; then Hydra is cleared, because every run
+        # composes train.yaml itself, which Hydra refuses inside a running app.
+        with checks.located("frontier"):
+            frontier = FrontierConfig(**OmegaConf.to_container(cfg.frontier, resolve=True))
+        out = Path(str(cfg.out)).expanduser()
+        shard, report_only = str(cfg.shard), checks.boolean("report_only", cfg.report_only)
+        logger = None
+        if cfg.get("wandb"):
+            import wandb
+
+            logger = wandb.init(project=str(cfg.wandb), name=f"frontier-{frontier.name}", config=OmegaConf.to_container(cfg.frontier, resolve=True))
+        GlobalHydra.instance().clear()
+        run_frontier(frontier, out, shard, report_only, logger)
+    except LokiError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,451 @@
+"""The frontier runner: for one model and one task, every method over its LR grid and seeds on one step
+budget, each trained run evaluated in memory, plus interpolation points, written as points and per-item
+results; then the fronts and the matched-level table (`studies.frontier.report`).
+
+    python -m studies.frontier frontier=toy                        # the README's small example (minutes)
+    python -m studies.frontier frontier=smollm135m_facts shard=0/2 # two processes, one per core ...
+    python -m studies.frontier frontier=smollm135m_facts shard=1/2 # ... then any process writes the report
+    python -m studies.frontier frontier=smollm135m_facts report_only=true
+
+Every trained point is an ordinary train.py run (composed from conf/train.yaml with the method's
+overrides, `optimizer.lr`, `seed` and the step budget), so whatever train.py supports a method can use.
+The runner then evaluates the trained model itself, in memory (no checkpoint, no export): the task on its
+test items (and its validation items), and retention against the base model measured once. For the runs
+with a method's largest LRs it also evaluates `theta_0 + alpha (theta_run - theta_0)` for each alpha
+(`loki.interpolate`), reusing the trained model's memory.
+
+Outputs under `out` (see `studies.frontier.stats` for the item files' layout):
+- `points/<id>.json` (one per evaluated model, written when it is done: a stopped frontier resumes) and
+  `points.jsonl` (all of them); `items/<id>.json` and `items/base.json` (per-item results);
+- `runs/<method>/lr<lr>/seed<seed>/` (each run's dir: config.yaml, metrics.json);
+- `frontier.md` and `frontier.png`.
+A point is reused only under the settings it was made with (its `settings` digest); otherwise the runner
+stops and names the point.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loki import checks
+from loki.errors import LokiError
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class MethodSpec:
+    """One method of the frontier: a label, its train.py overrides, and its LR grid."""
+
+    name: Any = None               # label in the tables (e.g. loki-q0.1, full, lora-r16)
+    overrides: Any = field(default_factory=list)  # train.py overrides that make the method (e.g. [loki=off, lora=dora])
+    lrs: Any = field(default_factory=list)  # optimizer.lr grid, from "learns little" to "clearly forgets"
+
+    def __post_init__(self) -> None:
+        k = checks.key
+        checks.text(k("name"), self.name)
+        if "/" in self.name or self.name.startswith("."):
+            checks.fail(k("name"), "a label without '/' (it names a folder)", self.name)
+        checks.string_list(k("overrides"), self.overrides, optional=False)
+        if not (isinstance(self.lrs, (list, tuple)) and self.lrs and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in self.lrs)):
+            checks.fail(k("lrs"), "a non-empty list of positive learning rates", self.lrs)
+
+
+@dataclass
+class FrontierConfig:
+    """`frontier`: the design (conf/frontier/<name>.yaml)."""
+
+    name: Any = None               # names the output folder and the report
+    model: Any = "toy"             # train.py model=
+    task: Any = "toy_facts"        # train.py task=
+    steps: Any = 30                # optimizer steps of every run (trainer.max_steps): the equal budget
+    seeds: Any = field(default_factory=lambda: [0])  # seeds of every run
+    methods: Any = field(default_factory=list)  # MethodSpec entries
+    alphas: Any = field(default_factory=lambda: [0.25, 0.5, 0.75])  # interpolation points of a run (alpha = 1 is the run)
+    interpolate_top: Any = 2       # each method's N largest LRs get interpolation points (0: none)
+    overrides: Any = field(default_factory=list)  # train.py overrides of every run (retention sizes, batch, ...)
+    measures: Any = field(default_factory=lambda: ["kl", "lm_loss_delta", "avg"])  # forgetting measures of the report
+    levels: Any = None             # task levels of the matched table (null: a few every method reaches)
+    n_boot: Any = 1000             # bootstrap replicates of the intervals
+    threads: Any = 1               # torch threads per process (one process per core is faster on small matrices)
+
+    def __post_init__(self) -> None:
+        k = checks.key
+        checks.text(k("name"), self.name)
+        checks.text(k("model"), self.model)
+        checks.text(k("task"), self.task)
+        checks.integer(k("steps"), self.steps, low=1)
+        if not (isinstance(self.seeds, (list, tuple)) and self.seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds)):
+            checks.fail(k("seeds"), "a non-empty list of integer seeds", self.seeds)
+        if not isinstance(self.methods, (list, tuple)) or not self.methods:
+            checks.fail(k("methods"), "a non-empty list of {name, overrides, lrs}", self.methods)
+        methods = []
+        for i, spec in enumerate(self.methods):
+            with checks.located(f"{k('methods')}[{i}]"):
+                methods.append(spec if isinstance(spec, MethodSpec) else MethodSpec(**dict(spec)))
+        names = [m.name for m in methods]
+        if len(set(names)) != len(names):
+            checks.fail(k("methods"), "methods with distinct names", names)
+        self.methods = methods
+        if not (isinstance(self.alphas, (list, tuple)) and all(isinstance(a, (int, float)) and 0 < a < 1 for a in self.alphas)):
+            checks.fail(k("alphas"), "a list of numbers in (0, 1)", self.alphas)
+        checks.integer(k("interpolate_top"), self.interpolate_top, low=0)
+        checks.string_list(k("overrides"), self.overrides, optional=False)
+        for measure in self.measures:
+            checks.one_of(k("measures"), measure, ("kl", "lm_loss_delta", "avg"))
+        if self.levels is not None and not (isinstance(self.levels, (list, tuple)) and all(isinstance(v, (int, float)) for v in self.levels)):
+            checks.fail(k("levels"), "null or a list of task levels", self.levels)
+        checks.integer(k("n_boot"), self.n_boot, low=0)
+        checks.integer(k("threads"), self.threads, low=1)
+
+
+def parse_shard(value: Any) -> tuple[int, int]:
+    """`i/n` -> (i, n): this process takes every n-th unit of work, starting at i."""
+    try:
+        index, count = (int(v) for v in str(value).split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        checks.fail("shard", "i/n with 0 <= i < n (e.g. 0/2 and 1/2 for two processes)", value)
+    return index, count
+
+
+# -------------------------------------------------------------------------------------------- units
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """One trained run of the design."""
+
+    method: str
+    lr: float
+    seed: int
+
+    @property
+    def folder(self) -> str:
+        return f"{self.method}/lr{self.lr:g}/seed{self.seed}"
+
+    def point_id(self, alpha: float = 1.0) -> str:
+        return f"{self.method}__lr{self.lr:g}__seed{self.seed}__a{alpha:g}"
+
+
+def design(frontier: FrontierConfig) -> list[tuple[RunKey, tuple[float, ...]]]:
+    """Every run, with the alphas of its interpolation points (a method's `interpolate_top` largest LRs)."""
+    units = []
+    for method in frontier.methods:
+        top = sorted(method.lrs, reverse=True)[: frontier.interpolate_top]
+        for lr in method.lrs:
+            for seed in frontier.seeds:
+                alphas = tuple(frontier.alphas) if lr in top else ()
+                units.append((RunKey(method.name, float(lr), int(seed)), alphas))
+    return units
+
+
+def train_overrides(frontier: FrontierConfig, method: MethodSpec, key: RunKey, run_dir: Path) -> list[str]:
+    """train.py overrides of one run: the design's, the method's, then what the frontier fixes. The run
+    trains only: the runner evaluates the trained model in memory, so train.py measures nothing, writes no
+    checkpoint and exports nothing."""
+    return [
+        f"model={frontier.model}", f"task={frontier.task}", *frontier.overrides, *method.overrides,
+        f"optimizer.lr={key.lr}", f"seed={key.seed}",
+        f"trainer.max_steps={frontier.steps}", "trainer.max_epochs=-1", "trainer.enable_progress_bar=false",
+        f"paths.output_dir={run_dir}", "logger=none", "~callbacks.checkpoint",
+        "export.format=none", "evaluate.retention=false", "evaluate.task=false", "evaluate.task_val=false",
+        "evaluate.validation_task_metric=false",
+    ]
+
+
+def compose_train(overrides: Sequence[str]):
+    from hydra import compose, initialize_config_dir
+
+    import loki.recipe  # noqa: F401  registers the ${method:} resolver and the schemas
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+class Frontier:
+    """The runner's state for one process: the base model (loaded once), its measurements, the task."""
+
+    def __init__(self, frontier: FrontierConfig, out: Path, shard: tuple[int, int] = (0, 1)):
+        self.frontier = frontier
+        self.out = Path(out)
+        self.shard = shard
+        self.base_cfg = compose_train(train_overrides(frontier, frontier.methods[0], RunKey("base", 1.0, 0), self.out / "base"))
+        self._base: dict | None = None
+        self._base_state: dict | None = None
+        self.timings: dict[str, float] = {}
+
+    # -- settings and files
+
+    def settings_digest(self, method: MethodSpec | None, key: RunKey | None, alpha: float) -> str:
+        """What a point depends on: the design's model, task, budget and overrides, the eval settings, and
+        the run's method, LR, seed and alpha."""
+        from omegaconf import OmegaConf
+
+        from loki.files import settings_digest
+
+        record = {
+            "model": self.frontier.model, "task": self.frontier.task, "steps": self.frontier.steps,
+            "overrides": list(self.frontier.overrides),
+            "eval": OmegaConf.to_container(self.base_cfg.eval, resolve=True),
+            "method": asdict(method) if method else None, "lr": key.lr if key else None,
+            "seed": key.seed if key else None, "alpha": alpha,
+        }
+        return settings_digest(record, 16)
+
+    def point_path(self, point_id: str) -> Path:
+        return self.out / "points" / f"{point_id}.json"
+
+    def reuse(self, point_id: str, digest: str) -> dict | None:
+        path = self.point_path(point_id)
+        if not path.is_file():
+            return None
+        point = json.loads(path.read_text())
+        if point.get("settings") != digest:
+            raise LokiError(
+                f"frontier point {point_id} in {self.out} was made with other settings; "
+                "use another frontier.name (or out=...) or delete that point to remake it."
+            )
+        return point
+
+    def write_point(self, point: dict, items: dict) -> None:
+        from loki.files import write_atomic
+
+        write_atomic(self.out / "items" / f"{point['id']}.json", json.dumps(items).encode())
+        write_atomic(self.point_path(point["id"]), json.dumps(point, indent=1, sort_keys=True).encode())
+
+    # -- the base model
+
+    def base(self) -> dict:
+        """The base model's measurements (alpha = 0 of every run), made once: task metrics and items,
+        retention with the per-text base values, and the stored base distributions the KL reads."""
+        if self._base is not None:
+            return self._base
+        from loki.files import exclusive_lock, write_atomic
+
+        path = self.out / "base.json"
+        with exclusive_lock(self.out / ".base.lock"):
+            if not path.is_file():
+                started = time.time()
+                from loki.eval import check_disjoint
+
+                check_disjoint(self.base_cfg.data, self.base_cfg.eval)  # retention never reads the attribution prompts
+                model, tokenizer = self.load_base()
+                record, items = self.measure(model, tokenizer, stage="before")
+                write_atomic(self.out / "items" / "base.json", json.dumps(items).encode())
+                record["seconds"] = round(time.time() - started, 1)
+                write_atomic(path, json.dumps(record, indent=1, sort_keys=True).encode())
+        self._base = json.loads(path.read_text())
+        return self._base
+
+    def load_base(self):
+        from loki.models import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(self.base_cfg.model)
+        return model.eval(), tokenizer
+
+    def base_state(self) -> dict:
+        """theta_0 (a copy of the base's weights), once per process: PiSSA and CorDA rewrite the base they
+        train on, so interpolation reads the original here."""
+        if self._base_state is None:
+            model, _ = self.load_base()
+            self._base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return self._base_state
+
+    # -- measuring one model
+
+    def measure(self, model, tokenizer, stage: str = "after") -> tuple[dict, dict]:
+        """(record, items) of one model: the task on its test and validation items, and retention
+        ("before": the base, which stores its distributions; "after": compared with them)."""
+        from loki.eval import run_retention
+        from loki.tasks import Task
+
+        task = Task.from_config(self.base_cfg.task)
+        started = time.time()
+        task_items: list = []
+        test = task.evaluate(model, tokenizer, "test", items=task_items)
+        val = task.evaluate(model, tokenizer, "val") if task.has_val else {}
+        task_seconds = time.time() - started
+        retention_items: dict = {}
+        started = time.time()
+        retention = run_retention(model, tokenizer, self.base_cfg.eval, reference_dir=self.out / "base_reference",
+                                  stage=stage, items=retention_items)
+        record = {
+            "task_metrics": test, "task_metrics_val": val, "primary": task.primary, "retention": retention,
+            "seconds_eval": {"task": round(task_seconds, 2), "retention": round(time.time() - started, 2)},
+        }
+        return record, {"task": task_items, "retention": retention_items}
+
+    def point_record(self, measured: dict, method: str, key: RunKey | None, alpha: float, steps: int, run_dir: str | None) -> dict:
+        """One points.jsonl row from a measured model and the base's retention."""
+        from loki.eval import forgetting_report
+
+        base = self.base()
+        report = forgetting_report(base["retention"], measured["retention"])
+        kl = list(report["kl"].values())
+        lm = [row["delta"] for row in report["lm_loss"].values()]
+        avg = report["avg"]
+        test, primary = measured["task_metrics"], measured["primary"]
+        graded = test.get("logprob")
+        return {
+            "method": method, "lr": key.lr if key else None, "seed": key.seed if key else None, "alpha": alpha,
+            "steps": steps, "task": test.get(primary), "task_metric": primary,
+            "task_graded": graded, "task_val": measured["task_metrics_val"].get(primary),
+            "forgetting": {
+                "kl": sum(kl) / len(kl) if kl else None,
+                "lm_loss_delta": sum(lm) / len(lm) if lm else None,
+                "avg": None if avg is None or (isinstance(avg, float) and math.isnan(avg)) else avg,
+            },
+            "n_task": int(test.get("n", 0)) or None,
+            "n_retention": {b: int(v) for b, v in _counts(measured["retention"]).items()},
+            "run_dir": run_dir, "seconds_eval": measured["seconds_eval"],
+        }
+
+    # -- one run and its interpolation points
+
+    def run_unit(self, key: RunKey, alphas: Sequence[float]) -> list[dict]:
+        method = next(m for m in self.frontier.methods if m.name == key.method)
+        wanted = [(1.0, key.point_id(1.0))] + [(a, key.point_id(a)) for a in alphas]
+        digests = {a: self.settings_digest(method, key, a) for a, _ in wanted}
+        done = {a: self.reuse(pid, digests[a]) for a, pid in wanted}
+        if all(done.values()):
+            return list(done.values())
+        from loki import recipe
+
+        self.base()
+        run_dir = self.out / "runs" / key.folder
+        cfg = compose_train(train_overrides(self.frontier, method, key, run_dir))
+        started = time.time()
+        metrics, setup = recipe.train(cfg)
+        train_seconds = time.time() - started
+        model, tokenizer = setup.model, setup.tokenizer
+        model.eval()
+        points = []
+        delta = None
+        for alpha, point_id in wanted:
+            if done[alpha] is not None:
+                points.append(done[alpha])
+                continue
+            if alpha != 1.0:
+                if delta is None:
+                    from loki.interpolate import weight_delta
+
+                    delta = weight_delta(self.base_state(), model)
+                delta.apply(model, alpha)
+            measured, items = self.measure(model, tokenizer)
+            point = self.point_record(measured, key.method, key, alpha, int(metrics.get("steps", 0)), str(run_dir))
+            point.update(id=point_id, settings=digests[alpha], seconds_train=round(train_seconds, 1) if alpha == 1.0 else 0.0,
+                         val_loss=metrics.get("val_loss"), trainable=metrics.get("trainable"))
+            self.write_point(point, items)
+            points.append(point)
+        return points
+
+    def run(self) -> list[dict]:
+        """This process's share of the design, then (for the last shard or a single process) the report."""
+        import torch
+
+        torch.set_num_threads(int(self.frontier.threads))
+        self.out.mkdir(parents=True, exist_ok=True)
+        units = design(self.frontier)
+        index, count = self.shard
+        mine = units[index::count]
+        log.info("frontier %s: %d runs in the design, %d for shard %d/%d", self.frontier.name, len(units), len(mine), index, count)
+        self.base()
+        for key, alphas in mine:
+            self.run_unit(key, alphas)
+        return self.collect()
+
+    # -- assembling
+
+    def collect(self) -> list[dict]:
+        """Every finished point (base, runs, interpolations) into points.jsonl; missing ones are listed."""
+        base = self.base()
+        points = [self.base_point(base)]
+        missing = []
+        for key, alphas in design(self.frontier):
+            for alpha in (1.0, *alphas):
+                path = self.point_path(key.point_id(alpha))
+                if path.is_file():
+                    points.append(json.loads(path.read_text()))
+                else:
+                    missing.append(key.point_id(alpha))
+        lines = "".join(json.dumps(p, sort_keys=True) + "\n" for p in points)
+        from loki.files import write_atomic
+
+        write_atomic(self.out / "points.jsonl", lines.encode())
+        if missing:
+            log.warning("frontier %s: %d points not measured yet: %s", self.frontier.name, len(missing), ", ".join(missing[:8]))
+        return points
+
+    def base_point(self, base: dict) -> dict:
+        test, primary = base["task_metrics"], base["primary"]
+        return {
+            "id": "base", "method": "base", "lr": None, "seed": None, "alpha": 0.0, "steps": 0,
+            "task": test.get(primary), "task_metric": primary, "task_graded": test.get("logprob"),
+            "task_val": base["task_metrics_val"].get(primary),
+            "forgetting": {"kl": 0.0, "lm_loss_delta": 0.0, "avg": 0.0},
+            "n_task": int(test.get("n", 0)) or None,
+            "n_retention": {b: int(v) for b, v in _counts(base["retention"]).items()}, "run_dir": None,
+        }
+
+
+def _counts(retention: Mapping[str, float]) -> dict[str, float]:
+    """Benchmark -> items measured, from retention's `retention/<bench>/n` keys."""
+    out = {}
+    for key, value in retention.items():
+        if key.startswith("retention/") and key.endswith("/n"):
+            out[key[len("retention/"):-2]] = value
+    return out
+
+
+def write_report(frontier: FrontierConfig, out: Path, points: list[dict], logger: Any = None) -> Path:
+    """frontier.md and frontier.png from the points and their items (studies.frontier.report)."""
+    from studies.frontier import report, stats
+
+    items = stats.load_items(out)
+    text = report.frontier_markdown(points, items, measures=tuple(frontier.measures), levels=frontier.levels,
+                                    n_boot=int(frontier.n_boot), title=f"Frontier: {frontier.name}")
+    path = out / "frontier.md"
+    path.write_text(text)
+    report.frontier_plot(points, out / "frontier.png", measures=tuple(frontier.measures))
+    if logger is not None:
+        _log_wandb(logger, points)
+    return path
+
+
+def _log_wandb(logger: Any, points: list[dict]) -> None:
+    import wandb
+
+    from studies.frontier import report
+
+    columns, rows = report.wandb_table(points)
+    logger.log({"frontier/points": wandb.Table(columns=columns, data=rows)})
+
+
+def main(frontier: FrontierConfig, out: Path, shard: str = "0/1", report_only: bool = False, logger: Any = None) -> Path:
+    runner = Frontier(frontier, out, parse_shard(shard))
+    started, cpu = time.time(), os.times()
+    points = runner.collect() if report_only else runner.run()
+    path = write_report(frontier, out, points, logger)
+    used = os.times()
+    log.info("frontier %s: %.0f s wall, %.0f s CPU in this process", frontier.name, time.time() - started,
+             (used.user - cpu.user) + (used.system - cpu.system))
+    print(f"frontier: {len(points)} points; report {path}")
+    return path

@@ -1,0 +1,75 @@
+"""The frontier runner end to end on the toy, and its design, reuse and settings rules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loki.errors import LokiError
+
+
+def _toy_frontier(**changes):
+    from studies.frontier.run import FrontierConfig
+
+    settings = dict(
+        name="t", model="toy", task="toy_facts", steps=4, seeds=[0], alphas=[0.5], interpolate_top=1,
+        overrides=["task.facts.seed=1", "task.facts.lands=2"],
+        methods=[{"name": "loki-q0.1", "overrides": [], "lrs": [1e-2, 3e-2]},
+                 {"name": "full", "overrides": ["loki=off"], "lrs": [1e-3, 3e-3]}],
+        n_boot=20,
+    )
+    settings.update(changes)
+    return FrontierConfig(**settings)
+
+
+def test_design_gives_interpolation_points_to_each_methods_largest_lrs():
+    from studies.frontier.run import design
+
+    units = design(_toy_frontier(seeds=[0, 1], interpolate_top=1))
+    assert len(units) == 2 * 2 * 2
+    with_alphas = sorted((k.method, k.lr, k.seed) for k, a in units if a)
+    assert with_alphas == [("full", 3e-3, 0), ("full", 3e-3, 1), ("loki-q0.1", 3e-2, 0), ("loki-q0.1", 3e-2, 1)]
+
+
+@pytest.mark.parametrize("bad, sentence", [
+    ({"steps": 0}, "frontier.steps must be an integer >= 1, got 0."),
+    ({"alphas": [1.0]}, "frontier.alphas must be a list of numbers in (0, 1), got [1.0]."),
+    ({"methods": [{"name": "a/b", "overrides": [], "lrs": [1e-3]}]}, "frontier.methods[0].name must be a label without '/'"),
+    ({"methods": [{"name": "x", "overrides": [], "lrs": []}]}, "frontier.methods[0].lrs must be a non-empty list of positive learning rates"),
+    ({"measures": ["acc"]}, "frontier.measures must be one of kl, lm_loss_delta, avg, got 'acc'."),
+])
+def test_bad_frontier_settings_stop_with_one_sentence(bad, sentence):
+    from loki import checks
+
+    with pytest.raises(LokiError) as err, checks.located("frontier"):
+        _toy_frontier(**bad)
+    assert str(err.value).startswith(sentence)
+
+
+@pytest.mark.slow
+def test_a_tiny_frontier_runs_end_to_end_and_resumes(tmp_path):
+    """Toy model, two methods, two LRs, one seed, one alpha: all four outputs, and a rerun reuses every point."""
+    from studies.frontier.run import main
+
+    out = tmp_path / "frontier"
+    frontier = _toy_frontier()
+    main(frontier, out)
+    for name in ("points.jsonl", "frontier.md", "frontier.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    points = [json.loads(line) for line in (out / "points.jsonl").read_text().splitlines()]
+    ids = {p["id"] for p in points}
+    assert len(points) == 1 + 4 + 2 and "base" in ids  # the base, four runs, two interpolation points
+    assert all((out / "items" / f"{i}.json").is_file() for i in ids)
+    by_id = {p["id"]: p for p in points}
+    run, half = by_id["full__lr0.003__seed0__a1"], by_id["full__lr0.003__seed0__a0.5"]
+    assert run["steps"] == 4 and run["forgetting"]["kl"] > 0 and run["n_task"] == 12  # 2 lands x 6 relations
+    assert 0 < half["forgetting"]["kl"] < run["forgetting"]["kl"]  # half way back to the base forgets less
+    assert by_id["base"]["forgetting"]["kl"] == 0.0
+    items = json.loads((out / "items" / "full__lr0.003__seed0__a1.json").read_text())
+    assert len(items["task"]) == 12 and sum(i["correct"] for i in items["task"]) / 12 == pytest.approx(run["task"])
+    stamp = (out / "points" / "full__lr0.003__seed0__a1.json").stat().st_mtime_ns
+    main(frontier, out)  # everything is reused: no point is measured again
+    assert (out / "points" / "full__lr0.003__seed0__a1.json").stat().st_mtime_ns == stamp
+    with pytest.raises(LokiError, match="was made with other settings"):
+        main(_toy_frontier(steps=5), out)
