@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from loki.errors import LokiError
-from loki import schema
+from loki import checks, schema
 
 schema.register()  # the typed group schemas, in Hydra's ConfigStore before any config is composed
 
@@ -46,52 +46,28 @@ class _Checker:
             raise LokiError(f"{key} could not be read from the config ({err}).") from None
         return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
+    # Each check reads the key's value and hands it to loki.checks (one sentence per bad value).
+
     def fail(self, key: str, allowed: str, value: Any) -> None:
-        raise LokiError(f"{key} must be {allowed}, got {value!r}.")
+        checks.fail(key, allowed, value)
 
     def one_of(self, key: str, choices: Sequence[Any], optional: bool = False) -> Any:
-        value = self.get(key)
-        if (value is None and optional) or value in choices:
-            return value
-        self.fail(key, "one of " + ", ".join(map(str, choices)) + (" (or null)" if optional else ""), value)
+        return checks.one_of(key, self.get(key), choices, optional)
 
     def boolean(self, key: str) -> bool:
-        value = self.get(key)
-        if not isinstance(value, bool):
-            self.fail(key, "true or false", value)
-        return value
+        return checks.boolean(key, self.get(key))
 
     def integer(self, key: str, low: int | None = None, optional: bool = False) -> int | None:
-        value = self.get(key)
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
-            allowed = "an integer" + (f" >= {low}" if low is not None else "") + (" (or null)" if optional else "")
-            self.fail(key, allowed, value)
-        return value
+        return checks.integer(key, self.get(key), low, optional)
 
     def number(self, key: str, low: float, high: float, low_open: bool = False, high_open: bool = False, optional: bool = False) -> float | None:
-        value = self.get(key)
-        if value is None and optional:
-            return None
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok:
-            ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-        if not ok:
-            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-            self.fail(key, f"a number in {interval}" + (" (or null)" if optional else ""), value)
-        return value
+        return checks.number(key, self.get(key), low, high, low_open, high_open, optional)
 
     def positive(self, key: str) -> float:
-        value = self.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            self.fail(key, "a positive number", value)
-        return value
+        return checks.positive(key, self.get(key))
 
     def string_list(self, key: str) -> None:
-        value = self.get(key)
-        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            self.fail(key, "a list of names (or null)", value)
+        checks.string_list(key, self.get(key))
 
     def run(self, checks: Sequence[Callable[[], Any]]) -> None:
         for check in checks:
@@ -224,7 +200,6 @@ CHAT_DATA_MODULES = {
 def _check_task(c: _Checker) -> None:
     """`task.*`: its name, its training data's target, and its evaluator's settings and primary metric
     (by the kind's schema in loki.tasks), before anything loads."""
-    from loki import checks
     from loki.tasks import eval_config
 
     task = c.get("task")

@@ -164,6 +164,34 @@ class EvaluateConfig:
             checks.boolean(checks.key(name), getattr(self, name))
 
 
+@dataclass
+class TrainSchema:
+    """train.yaml's own keys (the groups are `Any` here: each has its own schema in its group)."""
+
+    task_name: Any = "train"       # names the folder of runs under paths.log_dir
+    seed: Any = 0                  # seeds data order, init of LoRA factors and the random strategy
+    ckpt_path: Any = None          # a Lightning checkpoint to resume from (e.g. <run dir>/checkpoints/last.ckpt)
+    checkpoint_every_n_steps: Any = None  # also checkpoint every N optimizer steps (null: once per epoch)
+    method_name: Any = "${method:${loki.enabled},${lora.rank},${loki.q},${loki.strategy},${lora.variant}}"  # short label for logs and tables
+    experiment_name: Any = None    # an experiment's name (the W&B group of a sweep's jobs)
+    lr_schedule: LrScheduleConfig = field(default_factory=LrScheduleConfig)  # the LR after warm-up
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)  # which measurements the run makes
+    export: Any = field(default_factory=lambda: {"format": "full"})  # full: <run dir>/model | adapter: only the trained rows | none
+    telemetry: Any = True          # with a logger: tokens/s, grad norm and peak memory during training
+    model: Any = None
+    task: Any = None
+    loki: Any = None
+    kva: Any = None
+    data: Any = None
+    lora: Any = None
+    optimizer: Any = None
+    trainer: Any = None
+    logger: Any = None
+    callbacks: Any = None
+    paths: Any = None
+    eval: Any = None
+
+
 def validate_retention(eval_cfg: Mapping[str, Any], where: str = "eval") -> RetentionConfig:
     """`cfg.eval` (resolved) as a checked `RetentionConfig`."""
     return build(RetentionConfig, dict(eval_cfg), where)
@@ -318,6 +346,7 @@ def register() -> None:
     from loki.tasks import kinds, schema_of
 
     store = ConfigStore.instance()
+    store.store(name="_train_schema", node=TrainSchema)
     store.store(group="eval", name="_schema", node=RetentionConfig)
     store.store(group="loki", name="_schema", node=LokiSchema)
     store.store(group="lora", name="_schema", node=LoraSchema)

@@ -102,6 +102,28 @@ BAD_TRAIN_VALUES = [
     ("data.path=/no/such/mmlu.jsonl", "data.path must be an existing file or directory in the MMLU schema (or null for data.source), got '/no/such/mmlu.jsonl'."),
     ("data.per_subject=null", "eval.benchmarks.mmlu (offset=2, per_subject=null: rows 2 onwards of each subject) overlaps the attribution prompts"),
     ("ckpt_path=/no/such.ckpt", "ckpt_path must be an existing checkpoint file (or null), got '/no/such.ckpt'."),
+    # task.* and the retention benchmarks, checked by their schemas (loki/tasks/, loki/schema.py)
+    ("task.eval.kind=rank", "task.eval.kind must be one of bfcl, cloze_qa, facts, reranker, got 'rank'."),
+    ("task.eval.primary=ndcg@5", "task.eval.primary must be one of "),
+    ("task.eval.candidates=top", "task.eval.candidates must be one of bm25, all, judged, or an existing run TSV file, got 'top'."),
+    ("task.eval.ks=[0]", "task.eval.ks must be a non-empty list of integers >= 1, got [0]."),
+    ("task.eval.batch_size=0", "task.eval.batch_size must be an integer >= 1, got 0."),
+    ("task.eval.max_queries=-3", "task.eval.max_queries must be an integer >= 1 (or null), got -3."),
+    ("task.eval.use_title=maybe", "task.eval.use_title must be true or false, got 'maybe'."),
+    ("task.eval.split=''", "task.eval.split must be a non-empty string, got ''."),
+    ("task.name=''", "task.name must be a non-empty string, got ''."),
+    ("task.data=null +task.data._target_=1", "task.data must be null or a DataModule config with a _target_"),
+    ("eval.benchmarks.mmlu.mode=essay", "eval.benchmarks.mmlu.mode must be one of letter, cloze, kl, lm_loss, got 'essay'."),
+    ("eval.benchmarks.mmlu_kl.positions=first", "eval.benchmarks.mmlu_kl.positions must be one of last, all, got 'first'."),
+    ("eval.benchmarks.mmlu_kl.top_k=0", "eval.benchmarks.mmlu_kl.top_k must be an integer >= 1 (or null), got 0."),
+    ("eval.benchmarks.mmlu_lm_loss.prompt=essay", "eval.benchmarks.mmlu_lm_loss.prompt must be one of letter, cloze, text (or null), got 'essay'."),
+    ("eval.benchmarks.mmlu_cloze.chat_template=yes", "eval.benchmarks.mmlu_cloze.chat_template must be true or false, got 'yes'."),
+    ("eval.benchmarks.mmlu.max_samples=0", "eval.benchmarks.mmlu.max_samples must be an integer >= 1 (or null), got 0."),
+    ("eval.benchmarks.mmlu.enabled=sometimes", "eval.benchmarks.mmlu.enabled must be true or false, got 'sometimes'."),
+    ("eval.batch_size=0", "eval.batch_size must be an integer >= 1, got 0."),
+    ("eval.lm_eval.tasks=hellaswag", "eval.lm_eval.tasks must be a list of names, got 'hellaswag'."),
+    ("eval.lm_eval.bootstrap_iters=-1", "eval.lm_eval.bootstrap_iters must be an integer >= 0, got -1."),
+    ("evaluate.task_val=often", "evaluate.task_val must be true or false, got 'often'."),
 ]
 
 

@@ -74,6 +74,8 @@ COMMANDS = [
     [str(REPO / "attribute.py"), "--help"],
     ["-m", "loki.evaluate", "--help"],
     ["-m", "loki.study", "--help"],
+    ["-m", "studies", "--help"],
+    ["-m", "studies.frontier", "--help"],
     ["-m", "loki.select", "--help"],
 ]
 

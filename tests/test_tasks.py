@@ -79,47 +79,6 @@ def test_facts_log_probability_matches_an_independent_computation(tmp_path, chat
     assert items[0]["logprob"] == pytest.approx(expected, abs=1e-4)
 
 
-# One case per new check: the sentence names the key, what was given and what is allowed.
-BAD_TASK_AND_RETENTION_VALUES = [
-    ("task.eval.kind=rank", "task.eval.kind must be one of bfcl, cloze_qa, facts, reranker, got 'rank'."),
-    ("task.eval.primary=ndcg@5", "task.eval.primary must be one of "),
-    ("task.eval.candidates=top", "task.eval.candidates must be one of bm25, all, judged, or an existing run TSV file, got 'top'."),
-    ("task.eval.ks=[0]", "task.eval.ks must be a non-empty list of integers >= 1, got [0]."),
-    ("task.eval.batch_size=0", "task.eval.batch_size must be an integer >= 1, got 0."),
-    ("task.eval.max_queries=-3", "task.eval.max_queries must be an integer >= 1 (or null), got -3."),
-    ("task.eval.use_title=maybe", "task.eval.use_title must be true or false, got 'maybe'."),
-    ("task.eval.split=''", "task.eval.split must be a non-empty string, got ''."),
-    ("task.name=''", "task.name must be a non-empty string, got ''."),
-    ("task.data=null +task.data._target_=1", "task.data must be null or a DataModule config with a _target_"),
-    ("eval.benchmarks.mmlu.mode=essay", "eval.benchmarks.mmlu.mode must be one of letter, cloze, kl, lm_loss, got 'essay'."),
-    ("eval.benchmarks.mmlu_kl.positions=first", "eval.benchmarks.mmlu_kl.positions must be one of last, all, got 'first'."),
-    ("eval.benchmarks.mmlu_kl.top_k=0", "eval.benchmarks.mmlu_kl.top_k must be an integer >= 1 (or null), got 0."),
-    ("eval.benchmarks.mmlu_lm_loss.prompt=essay", "eval.benchmarks.mmlu_lm_loss.prompt must be one of letter, cloze, text (or null), got 'essay'."),
-    ("eval.benchmarks.mmlu_cloze.chat_template=yes", "eval.benchmarks.mmlu_cloze.chat_template must be true or false, got 'yes'."),
-    ("eval.benchmarks.mmlu.max_samples=0", "eval.benchmarks.mmlu.max_samples must be an integer >= 1 (or null), got 0."),
-    ("eval.benchmarks.mmlu.enabled=sometimes", "eval.benchmarks.mmlu.enabled must be true or false, got 'sometimes'."),
-    ("eval.batch_size=0", "eval.batch_size must be an integer >= 1, got 0."),
-    ("eval.lm_eval.tasks=hellaswag", "eval.lm_eval.tasks must be a list of names, got 'hellaswag'."),
-    ("eval.lm_eval.bootstrap_iters=-1", "eval.lm_eval.bootstrap_iters must be an integer >= 0, got -1."),
-    ("evaluate.task_val=often", "evaluate.task_val must be true or false, got 'often'."),
-]
-
-
-@pytest.mark.parametrize("bad, sentence", BAD_TASK_AND_RETENTION_VALUES, ids=[b for b, _ in BAD_TASK_AND_RETENTION_VALUES])
-def test_task_and_retention_values_stop_with_one_sentence_before_loading(bad, sentence, monkeypatch):
-    from loki import recipe
-    from loki.config import check_train_config
-
-    def must_not_load(*args, **kwargs):
-        raise AssertionError("a model was loaded before the config was checked")
-
-    monkeypatch.setattr(recipe, "load_model_and_tokenizer", must_not_load)
-    cfg = compose_config("train", "model=tiny", "task=tiny_rerank", *bad.split())
-    with pytest.raises(LokiError) as err:
-        check_train_config(cfg)
-    assert str(err.value).startswith(sentence) and "\n" not in str(err.value)
-
-
 def test_facts_primary_metric_is_checked_against_its_evaluator():
     from loki.config import check_train_config
 

@@ -10,6 +10,7 @@ The store format is `loki.store`'s.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -33,6 +34,85 @@ log = logging.getLogger(__name__)
 
 # The keyword arguments of loki.kva.attribute that a stage's `kva` settings carry.
 ATTRIBUTE_KWARGS = ("recipe", "steps", "scope", "objective", "times_activation")
+ESTIMATE_AFTER = 8  # prompts timed before the whole stage's time is estimated (a run this short prints no estimate)
+LONG_ATTRIBUTION_S = 120.0  # an estimate at least this long comes with how to shorten the stage
+PUBLISHED_DIR = Path(__file__).resolve().parents[1] / "published"  # loki.positions=published (loki/recipe.py)
+estimate_clock = time.monotonic  # what AttributionEstimate times with (tests put a fake clock here)
+
+
+def format_duration(seconds: float) -> str:
+    """'45 s', '12 min', '1 h 10 min': as precise as an estimate deserves."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+class AttributionEstimate(pl.Callback):
+    """Says how big the attribution stage is before its first prompt, and, once the first `after`
+    prompts are scored, how long the whole stage should take at their rate. When that is at least
+    `long_s`, the estimate is a warning that also says how to shorten the stage: fewer prompts per
+    subject or in all, or the published positions where this model has some. Prompts run longest
+    first, so the estimate errs long."""
+
+    def __init__(
+        self,
+        prompts: int,
+        layers: int,
+        rows: int,
+        model_name: str,
+        data: dict,
+        after: int = ESTIMATE_AFTER,
+        long_s: float = LONG_ATTRIBUTION_S,
+        clock=None,
+    ):
+        self.prompts, self.layers, self.rows = int(prompts), int(layers), int(rows)
+        self.model_name, self.data = model_name, data
+        self.after, self.long_s, self.clock = int(after), float(long_s), clock or estimate_clock
+        self.started, self.done, self.reported = 0.0, 0, False
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.done, self.reported = 0, False
+        if trainer.is_global_zero:
+            log.info(
+                "Attribution: %d prompts x %d layers x %d rows each (%d process(es)); timing the first %d prompts.",
+                self.prompts, self.layers, self.rows, trainer.world_size, min(self.after, self.prompts),
+            )
+        self.started = self.clock()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.reported:
+            return
+        self.done += len(batch["ids"])
+        per_process = math.ceil(self.prompts / max(1, trainer.world_size))
+        if self.done < min(self.after, per_process):
+            return
+        self.reported = True
+        if self.done >= per_process or not trainer.is_global_zero:  # finished already: nothing to estimate
+            return
+        rate = (self.clock() - self.started) / self.done
+        total = rate * per_process
+        message = (
+            f"Attribution: {rate:.2f} s per prompt over the first {self.done} prompts, so about "
+            f"{format_duration(total)} for all {self.prompts} prompts x {self.layers} layers "
+            f"({format_duration(total - rate * self.done)} left; the longest prompts go first, so this errs long)"
+        )
+        if total < self.long_s:
+            log.info(message + ".")
+            return
+        log.warning(message + "; to shorten it: " + "; ".join(self.shorter()) + ".")
+
+    def shorter(self) -> list[str]:
+        """The settings that make this stage shorter, as overrides a user can paste."""
+        per_subject, max_samples = self.data.get("per_subject"), self.data.get("max_samples")
+        ways = [
+            f"data.per_subject=N (fewer prompts per MMLU subject; now {per_subject})" if per_subject else "data.per_subject=N (prompts per MMLU subject)",
+            f"data.max_samples=N (at most N prompts in all; now {max_samples})" if max_samples else "data.max_samples=N (at most N prompts in all)",
+        ]
+        if (PUBLISHED_DIR / self.model_name).is_dir():
+            ways.append(f"or loki.positions=published (the positions published for {self.model_name}: no attribution at all)")
+        return ways
 
 
 class KVAModule(pl.LightningModule):
@@ -145,7 +225,12 @@ def run_attribution(
             enable_model_summary=False,
             enable_progress_bar=False,  # SamplesProgressBar instead: counted in samples, not batches
             default_root_dir=str(out_dir),  # never the working directory
-            callbacks=[ScoreWriter(out_dir, expected), *([SamplesProgressBar(len(remaining))] if progress else []), *callbacks],
+            callbacks=[
+                ScoreWriter(out_dir, expected),
+                *([SamplesProgressBar(len(remaining))] if progress else []),
+                AttributionEstimate(len(remaining), arch.dims(model).num_layers, arch.dims(model).hidden_size, model_name, data),
+                *callbacks,
+            ],
         )
         trainer = pl.Trainer(**kwargs)
         # KVAModule freezes the model; hand it back as it came (train.py fine-tunes it next).

@@ -26,10 +26,11 @@ def main(cfg: DictConfig) -> None:
         out = Path(str(cfg.out)).expanduser()
         shard, report_only = str(cfg.shard), checks.boolean("report_only", cfg.report_only)
         logger = None
-        if cfg.get("wandb"):
+        checks.one_of("logger", cfg.logger, ("none", "wandb"))
+        if cfg.logger == "wandb":
             import wandb
 
-            logger = wandb.init(project=str(cfg.wandb), name=f"frontier-{frontier.name}", config=OmegaConf.to_container(cfg.frontier, resolve=True))
+            logger = wandb.init(project=str(cfg.wandb_project), name=f"frontier-{frontier.name}", config=OmegaConf.to_container(cfg.frontier, resolve=True))
         GlobalHydra.instance().clear()
         run_frontier(frontier, out, shard, report_only, logger)
     except LokiError as err:

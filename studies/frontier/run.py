@@ -161,7 +161,7 @@ def train_overrides(frontier: FrontierConfig, method: MethodSpec, key: RunKey, r
     return [
         f"model={frontier.model}", f"task={frontier.task}", *frontier.overrides, *method.overrides,
         f"optimizer.lr={key.lr}", f"seed={key.seed}",
-        f"trainer.max_steps={frontier.steps}", "trainer.max_epochs=-1", "trainer.enable_progress_bar=false",
+        f"trainer.max_steps={frontier.steps}", "trainer.max_epochs=-1", "++trainer.enable_progress_bar=false",
         f"paths.output_dir={run_dir}", "logger=none", "~callbacks.checkpoint",
         "export.format=none", "evaluate.retention=false", "evaluate.task=false", "evaluate.task_val=false",
         "evaluate.validation_task_metric=false",
@@ -228,6 +228,8 @@ class Frontier:
     def write_point(self, point: dict, items: dict) -> None:
         from loki.files import write_atomic
 
+        for folder in ("items", "points"):
+            (self.out / folder).mkdir(parents=True, exist_ok=True)
         write_atomic(self.out / "items" / f"{point['id']}.json", json.dumps(items).encode())
         write_atomic(self.point_path(point["id"]), json.dumps(point, indent=1, sort_keys=True).encode())
 
@@ -241,6 +243,7 @@ class Frontier:
         from loki.files import exclusive_lock, write_atomic
 
         path = self.out / "base.json"
+        self.out.mkdir(parents=True, exist_ok=True)
         with exclusive_lock(self.out / ".base.lock"):
             if not path.is_file():
                 started = time.time()
@@ -249,6 +252,7 @@ class Frontier:
                 check_disjoint(self.base_cfg.data, self.base_cfg.eval)  # retention never reads the attribution prompts
                 model, tokenizer = self.load_base()
                 record, items = self.measure(model, tokenizer, stage="before")
+                (self.out / "items").mkdir(parents=True, exist_ok=True)
                 write_atomic(self.out / "items" / "base.json", json.dumps(items).encode())
                 record["seconds"] = round(time.time() - started, 1)
                 write_atomic(path, json.dumps(record, indent=1, sort_keys=True).encode())
@@ -271,9 +275,10 @@ class Frontier:
 
     # -- measuring one model
 
-    def measure(self, model, tokenizer, stage: str = "after") -> tuple[dict, dict]:
-        """(record, items) of one model: the task on its test and validation items, and retention
-        ("before": the base, which stores its distributions; "after": compared with them)."""
+    def measure(self, model, tokenizer, stage: str = "after", with_val: bool = True) -> tuple[dict, dict]:
+        """(record, items) of one model: the task on its test (and validation) items, and retention
+        ("before": the base, which stores its distributions; "after": compared with them). Interpolation
+        points skip the validation items: only a trained run's LR is chosen on them."""
         from loki.eval import run_retention
         from loki.tasks import Task
 
@@ -281,7 +286,7 @@ class Frontier:
         started = time.time()
         task_items: list = []
         test = task.evaluate(model, tokenizer, "test", items=task_items)
-        val = task.evaluate(model, tokenizer, "val") if task.has_val else {}
+        val = task.evaluate(model, tokenizer, "val") if task.has_val and with_val else {}
         task_seconds = time.time() - started
         retention_items: dict = {}
         started = time.time()
@@ -349,7 +354,7 @@ class Frontier:
 
                     delta = weight_delta(self.base_state(), model)
                 delta.apply(model, alpha)
-            measured, items = self.measure(model, tokenizer)
+            measured, items = self.measure(model, tokenizer, with_val=alpha == 1.0)
             point = self.point_record(measured, key.method, key, alpha, int(metrics.get("steps", 0)), str(run_dir))
             point.update(id=point_id, settings=digests[alpha], seconds_train=round(train_seconds, 1) if alpha == 1.0 else 0.0,
                          val_loss=metrics.get("val_loss"), trainable=metrics.get("trainable"))

@@ -241,7 +241,7 @@ def common_levels(points_by_method: Mapping[str, Sequence[Mapping[str, Any]]], k
     bottom = max(lows + ([base_task] if base_task is not None else []))
     if bottom >= top:
         return [top]
-    return [bottom + (top - bottom) * i / k for i in range(1, k + 1)]
+    return [bottom + (top - bottom) * i / k for i in range(1, k)] + [top]  # the top exactly, not top + rounding
 
 
 # -------------------------------------------------------------------------------------- bootstrap
@@ -339,7 +339,8 @@ def matched_table(points: Sequence[Mapping[str, Any]], items: FrontierItems | No
     replicates (`percentile`; the upper bound is inf when more than (1-c)/2 of them do not reach).
 
     Cell: {"level", "estimate" (None: not reached), "point" (its id), "low", "high", "unreached" (the
-    fraction of replicates that did not reach the level)}. n_boot = 0: low = high = estimate, no items
+    fraction of replicates that did not reach the level), "replicates" (the n_boot values, a numpy
+    array; absent when n_boot = 0)}. n_boot = 0: low = high = estimate (inf when not reached), no items
     read. Before resampling, the items of every point must reproduce its recorded values (1e-6); a
     point whose items disagree is refused (its items are not what its row says)."""
     if measure not in MEASURES:
@@ -370,8 +371,8 @@ def matched_table(points: Sequence[Mapping[str, Any]], items: FrontierItems | No
     # the identity draw (every item once) must give back the recorded numbers
     check_task, check_forgetting = _identity_values(ids, items, measure, task_key, recorded_avg)
     for i, p in enumerate(every):
-        for what, got, want in (("task", check_task[i], task_value(p, task_key)),
-                                (measure, check_forgetting[i], forgetting_value(p, measure))):
+        for what, got, want in ((task_key, float(check_task[i]), task_value(p, task_key)),
+                                (measure, float(check_forgetting[i]), forgetting_value(p, measure))):
             if not math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9):
                 raise LokiError(
                     f"point {p['id']!r} records {what} {want!r} but its items give {got!r}; "

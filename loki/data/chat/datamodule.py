@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -43,8 +45,8 @@ class ResumableSampler(DistributedSampler):
     """The shuffled training order of one rank, a function of (seed, epoch) alone, that can start part-way.
 
     One process: epoch e is the order a `DataLoader(shuffle=True, generator=Generator().manual_seed(seed))`
-    gives in its (e+1)-th pass (the loader draws one worker seed, then the RandomSampler one permutation,
-    per pass), so runs keep the order they had before resuming became exact. Several processes: the order
+    gives in its (e+1)-th pass (per pass the loader draws one worker seed, then the RandomSampler two
+    permutations, the second for an empty remainder), so runs keep the order they had before resuming became exact. Several processes: the order
     of Lightning's `DistributedSampler(seed=seed)` for this rank. Being a `DistributedSampler`, Lightning
     keeps it instead of injecting its own. `resume_at(epoch, skip)` makes the next pass over that epoch
     leave out its first `skip` samples (those trained on before the checkpoint), once.
@@ -71,6 +73,7 @@ class ResumableSampler(DistributedSampler):
         for _ in range(epoch + 1):
             torch.empty((), dtype=torch.int64).random_(generator=generator)  # the loader's worker seed
             indices = torch.randperm(n, generator=generator).tolist()
+            torch.randperm(n, generator=generator)  # RandomSampler's empty remainder, drawn as a pass ends
         return indices
 
     def __iter__(self):
@@ -79,43 +82,6 @@ class ResumableSampler(DistributedSampler):
             indices = indices[self._resume[1] :]
             self._resume = None
         return iter(indices)
-
-
-class ResumableDataLoader(DataLoader):
-    """The training loader, stateful for Lightning: its state (the epoch and the batches of it already
-    trained on, as the trainer counts them) goes into the checkpoint's fit-loop state and, on resume,
-    makes the sampler continue that epoch where the checkpoint left it, so a run killed mid-epoch and
-    resumed ends exactly as an uninterrupted one. `progress` returns (epoch, batches trained in it)."""
-
-    def __init__(self, *args, progress=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.progress = progress
-
-    def state_dict(self) -> dict:
-        epoch, batches = self.progress() if self.progress is not None else (self.sampler.epoch, 0)
-        if batches >= len(self):  # saved at the end of an epoch: the next one starts from its beginning
-            epoch, batches = epoch + 1, 0
-        return {
-            "epoch": int(epoch),
-            "batches": int(batches),
-            "batch_size": self.batch_size,
-            "num_replicas": self.sampler.num_replicas,
-            "samples": len(self.dataset),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        wanted = {"batch_size": self.batch_size, "num_replicas": self.sampler.num_replicas, "samples": len(self.dataset)}
-        changed = {k: (state.get(k), v) for k, v in wanted.items() if state.get(k) != v}
-        if changed:
-            log.warning(
-                "Resuming epoch %d with other data settings than the checkpoint's (%s): it starts again from its "
-                "first batch, so the resumed run is not the exact continuation of the interrupted one.",
-                state["epoch"],
-                ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()),
-            )
-            self.sampler.resume_at(state["epoch"], 0)
-            return
-        self.sampler.resume_at(state["epoch"], state["batches"] * self.batch_size)
 
 
 class ChatSFTDataModule(pl.LightningDataModule):
@@ -144,6 +110,9 @@ class ChatSFTDataModule(pl.LightningDataModule):
         self.stats: dict[str, dict[str, int]] = {}
         self._template: tuple[str | None] | None = None  # (template,) once decided
         self._fingerprint: str | None = None
+        self._train_sampler: ResumableSampler | None = None  # the current training order (its epoch and rank)
+        self._sampler_trainer = None  # the trainer that built it
+        self._resume: dict | None = None  # a checkpoint's place in its epoch, until the training loader uses it
 
     @property
     def cutoff(self) -> int:
@@ -252,29 +221,76 @@ class ChatSFTDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # The loader's own generator only seeds workers (kept so the global RNG is not drawn from); the
-        # order comes from the sampler, resumable mid-epoch (ResumableSampler).
+        # order comes from the sampler, which a resumed run starts where the checkpoint left it.
         generator = torch.Generator().manual_seed(self.config.seed)
-        replicas = getattr(self._trainer_strategy(), "distributed_sampler_kwargs", None) or {}
+        replicas = getattr(self.trainer.strategy if self.trainer is not None else None, "distributed_sampler_kwargs", None) or {}
         sampler = ResumableSampler(
             self.train_examples, self.config.seed, num_replicas=replicas.get("num_replicas", 1), rank=replicas.get("rank", 0)
         )
-        return ResumableDataLoader(
+        self._train_sampler, self._sampler_trainer = sampler, self.trainer
+        if self._resume is not None:
+            self._resume_sampler(sampler, self._resume)
+            self._resume = None
+        return DataLoader(
             self.train_examples,
             batch_size=self.config.batch_size,
             sampler=sampler,
             generator=generator,
             collate_fn=self._collate,
             num_workers=self.config.num_workers,
-            progress=self._train_progress,
         )
 
-    def _trainer_strategy(self):
-        return self.trainer.strategy if self.trainer is not None else None
+    # -- exact mid-epoch resume: the checkpoint records how far into which epoch training got
 
-    def _train_progress(self) -> tuple[int, int]:
-        """(epoch, training batches of it whose step has run), as the trainer's fit loop counts them."""
+    def state_dict(self) -> dict:
+        """Lightning writes this into every checkpoint: the epoch and the training batches of it already
+        stepped on (the trainer's own count), with the settings that make that count mean the same samples."""
+        sampler = self._train_sampler
+        if self.trainer is None or sampler is None:
+            return {}
         loop = self.trainer.fit_loop
-        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
+        epoch, batches = loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
+        if batches >= math.ceil(sampler.num_samples / self.config.batch_size):  # saved at an epoch's end
+            epoch, batches = epoch + 1, 0
+        order = {"epoch": int(epoch), "batches": int(batches), **self._order_settings(sampler)}
+        return {"train_order": order}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Called by Lightning on resume before the training loader is built (single device, DDP); the
+        loader then leaves out the batches of the checkpoint's epoch that were already trained on."""
+        order = state.get("train_order")
+        if not order:
+            return
+        if self._train_sampler is not None and self._sampler_trainer is self.trainer:  # FSDP, DeepSpeed restore after the loader is built
+            log.warning(
+                "The training loader was built before the checkpoint was restored (strategy %s): epoch %d restarts "
+                "from its first batch, so the resumed run is not the exact continuation of the interrupted one.",
+                type(self.trainer.strategy).__name__ if self.trainer is not None else "?",
+                order["epoch"],
+            )
+            return
+        self._resume = order
+
+    def _order_settings(self, sampler: ResumableSampler) -> dict:
+        return {"batch_size": self.config.batch_size, "num_replicas": sampler.num_replicas, "samples": len(sampler.dataset), "seed": self.config.seed}
+
+    def _resume_sampler(self, sampler: ResumableSampler, order: dict) -> None:
+        now = self._order_settings(sampler)
+        changed = [f"{key} {order.get(key)} -> {value}" for key, value in now.items() if order.get(key) != value]
+        if changed:
+            log.warning(
+                "Resuming epoch %d with other data settings than the checkpoint's (%s): the epoch restarts from its "
+                "first batch, so the resumed run is not the exact continuation of the interrupted one.",
+                order["epoch"],
+                ", ".join(changed),
+            )
+            sampler.resume_at(order["epoch"], 0)
+            return
+        sampler.resume_at(order["epoch"], order["batches"] * self.config.batch_size)
+        if order["batches"]:
+            log.info("Resuming epoch %d after its first %d training batches, in the interrupted run's order.", order["epoch"], order["batches"])
+            # Lightning warns that a plain loader cannot resume mid-epoch; this one does (the sampler above).
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_examples:
