@@ -79,12 +79,12 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
     """
     loki_cfg = cfg.loki
     d = arch.dims(model)
-    q = loki_cfg.get("q")
-    source = loki_cfg.get("positions")
+    q = loki_cfg.q
+    source = loki_cfg.positions
     if source:
         path = published_positions_path(cfg.model.name, check_q(q)) if source == "published" else Path(source)
         positions = validate_positions(load_positions(path), d.num_layers, d.hidden_size, where=str(path))
-        if q is not None and loki_cfg.get("strategy") == "layer_balanced":
+        if q is not None and loki_cfg.strategy == "layer_balanced":
             k = rows_per_layer(q, d.hidden_size)
             if any(len(layer) != k for layer in positions):
                 raise LokiError(
@@ -93,12 +93,12 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
                 )
         return positions, f"positions file {path}"
     check_q(q)
-    strategy = loki_cfg.get("strategy", "layer_balanced")
+    strategy = loki_cfg.strategy
     if strategy in ("random", "smallest_norm"):  # the cheap controls read no score store: no attribution runs
         from loki.select import random_positions, smallest_norm_positions
 
         if strategy == "random":
-            positions = random_positions(d.num_layers, d.hidden_size, q, seed=int(loki_cfg.get("seed", 0)))
+            positions = random_positions(d.num_layers, d.hidden_size, q, seed=int(loki_cfg.seed))
             source = f"random selection (seed {int(loki_cfg.get('seed', 0))}), no attribution"
         else:
             positions = smallest_norm_positions((proj.weight for proj in arch.down_projs(model)), q)
@@ -109,7 +109,7 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
     from loki.select import select_positions
     from loki.store import ScoreStore, check_meta, store_meta
 
-    if loki_cfg.get("scores", "auto") == "auto":
+    if loki_cfg.scores == "auto":
         store_dir = attribution.default_store(cfg)
         if not ScoreStore.exists(store_dir):
             if not loki_cfg.analyse_if_missing:
@@ -141,9 +141,9 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
     positions = select_positions(
         store.iter_chunks(),
         q,
-        strategy=loki_cfg.get("strategy", "layer_balanced"),
-        seed=int(loki_cfg.get("seed", 0)),
-        score=loki_cfg.get("score", "signed"),
+        strategy=loki_cfg.strategy,
+        seed=int(loki_cfg.seed),
+        score=loki_cfg.score,
     )
     positions = validate_positions(positions, d.num_layers, d.hidden_size)
     return positions, f"{loki_cfg.get('strategy')} selection (score={loki_cfg.get('score')}) from {store.num_samples} samples in {store_dir}"
@@ -177,7 +177,7 @@ def train(cfg: DictConfig) -> tuple[dict, Setup | None]:
     retention_before = evaluate_retention(cfg, built, stage="before")
     module = build_module(cfg, built)
     trainer = instantiate(cfg.trainer, **trainer_options(cfg, built))
-    trainer.fit(module, datamodule=built.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=built.datamodule, ckpt_path=cfg.ckpt_path)
     release_process_group(trainer)  # rank 0 evaluates alone from here; the other ranks return and exit
     if not trainer.is_global_zero:
         return {}, None
@@ -260,7 +260,7 @@ def _peft_model(cfg: DictConfig, model: nn.Module, tokenizer: Any, device: torch
     from loki.peft_methods import apply_peft, build_peft_config, corda_cache_path
 
     lora = cfg.lora
-    variant = lora.get("variant", "lora")
+    variant = lora.variant
     targets = OmegaConf.to_container(lora.target_modules) if OmegaConf.is_config(lora.target_modules) else lora.target_modules
     knowledge, cache_file = None, None
     if variant == "corda":
@@ -268,7 +268,7 @@ def _peft_model(cfg: DictConfig, model: nn.Module, tokenizer: Any, device: torch
 
         _, data = attribution.settings(cfg)
         model_key = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in _SPEED_ONLY_MODEL_KEYS}
-        key = {"model": model_key, "data": data, "rank": int(lora.rank), "targets": targets, "method": lora.get("corda_method", "kpm")}
+        key = {"model": model_key, "data": data, "rank": int(lora.rank), "targets": targets, "method": lora.corda_method}
         cache_file = corda_cache_path(cfg.paths.cache_dir, cfg.model.name, key)
         if not cache_file.is_file():
             from loki.attribution import build_prompts
@@ -284,10 +284,10 @@ def _peft_model(cfg: DictConfig, model: nn.Module, tokenizer: Any, device: torch
         _lora_alpha(cfg),
         float(lora.dropout),
         targets,
-        pissa_niter=lora.get("pissa_niter"),
-        corda_method=lora.get("corda_method", "kpm"),
+        pissa_niter=lora.pissa_niter,
+        corda_method=lora.corda_method,
         corda_cache_file=cache_file,
-        effective_rank=lora.get("effective_rank"),
+        effective_rank=lora.effective_rank,
     )
     return apply_peft(model, config, knowledge), config
 
@@ -301,7 +301,7 @@ def setup(cfg: DictConfig) -> Setup:
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     arch.dims(model)  # an unsupported architecture stops here, with the list of supported ones
     memory = apply_memory_options(model, cfg.model)  # gradient checkpointing now; compile at fit (below)
-    method = method_label(cfg.loki.enabled, cfg.lora.rank, cfg.loki.q, cfg.loki.strategy, cfg.lora.get("variant", "lora"))
+    method = method_label(cfg.loki.enabled, cfg.lora.rank, cfg.loki.q, cfg.loki.strategy, cfg.lora.variant)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and c.get("_target_")]
     logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else None
     if logger is None:  # LearningRateMonitor refuses to run without a logger
@@ -327,7 +327,7 @@ def setup(cfg: DictConfig) -> Setup:
         )
         check_positions(model, out.positions, int(cfg.lora.rank))  # lora.rank > k fails now, before data loading
         out.callbacks.insert(0, out.loki_callback)
-    elif uses_peft(False, cfg.lora.get("variant", "lora"), int(cfg.lora.rank)):
+    elif uses_peft(False, cfg.lora.variant, int(cfg.lora.rank)):
         out.model, out.lora_config = _peft_model(cfg, model, tokenizer, out.device)
         out.peft_lora = True
     # Order in fit: FullModelGather's on_fit_end (FSDP only) runs before LokiCallback's merge; compile after install.
@@ -583,7 +583,7 @@ def apply_lr_scale_with_q(cfg: DictConfig) -> float:
             cfg.optimizer.lr_scale_with_q
         ) else cfg.optimizer.lr_scale_with_q
         del cfg.optimizer["lr_scale_with_q"]
-        q = cfg.loki.get("q") if cfg.loki.enabled else None
+        q = cfg.loki.q if cfg.loki.enabled else None
         multiplier = lr_multiplier(table, float(q)) if q is not None and table not in (None, False) else 1.0
         if table not in (None, False):
             lr_multiplier(table, 0.1)  # a bad table is refused even when it does not apply
@@ -604,7 +604,7 @@ def start_logging(cfg: DictConfig, setup: Setup) -> None:
         log.warning("Logging the unresolved config (%s).", err)
         params = OmegaConf.to_container(cfg, resolve=False)
     setup.logger.log_hyperparams(params)
-    if cfg.get("telemetry", True):
+    if cfg.telemetry:
         from loki.lightning.telemetry import Telemetry
 
         setup.callbacks.append(Telemetry())
@@ -619,10 +619,10 @@ def log_run_files(cfg: DictConfig, setup: Setup, logger: Any) -> None:
     import wandb
 
     files = [setup.run_dir / "metrics.json", setup.run_dir / "positions.json"]
-    if cfg.loki.enabled and not cfg.loki.get("positions"):
+    if cfg.loki.enabled and not cfg.loki.positions:
         from loki.store import HEATMAP_FILE
 
-        if cfg.loki.get("scores", "auto") == "auto":
+        if cfg.loki.scores == "auto":
             from loki import attribution
 
             store_dir = Path(attribution.default_store(cfg))

@@ -73,3 +73,30 @@ def test_a_tiny_frontier_runs_end_to_end_and_resumes(tmp_path):
     assert (out / "points" / "full__lr0.003__seed0__a1.json").stat().st_mtime_ns == stamp
     with pytest.raises(LokiError, match="was made with other settings"):
         main(_toy_frontier(steps=5), out)
+
+
+@pytest.mark.slow
+def test_alpha_zero_is_the_base_and_alpha_one_is_the_run(tmp_path):
+    """Measured the way the frontier measures: theta(0) gives KL 0 and the base's task metric exactly,
+    theta(1) gives the trained run's own numbers exactly."""
+    from loki import recipe
+    from loki.interpolate import weight_delta
+    from studies.frontier.run import Frontier, RunKey, compose_train, train_overrides
+
+    frontier = _toy_frontier(methods=[{"name": "full", "overrides": ["loki=off"], "lrs": [3e-3]}])
+    runner = Frontier(frontier, tmp_path / "f")
+    base = runner.base()
+    key = RunKey("full", 3e-3, 0)
+    _, setup = recipe.train(compose_train(train_overrides(frontier, frontier.methods[0], key, tmp_path / "run")))
+    model = setup.model.eval()
+    trained, _ = runner.measure(model, setup.tokenizer)
+    delta = weight_delta(runner.base_state(), model)
+    delta.apply(model, 0.0)
+    at_zero, _ = runner.measure(model, setup.tokenizer)
+    assert at_zero["task_metrics"] == base["task_metrics"]
+    assert at_zero["retention"]["retention/toy_kl/kl"] == 0.0
+    assert runner.point_record(at_zero, "full", key, 0.0, 4, None)["forgetting"]["lm_loss_delta"] == 0.0
+    delta.apply(model, 1.0)
+    at_one, _ = runner.measure(model, setup.tokenizer)
+    assert at_one["task_metrics"] == trained["task_metrics"] and at_one["retention"] == trained["retention"]
+    assert trained["retention"]["retention/toy_kl/kl"] > 0

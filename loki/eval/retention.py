@@ -69,7 +69,7 @@ from loki.prompts import cloze_context
 
 log = logging.getLogger(__name__)
 
-MODES = ("letter", "cloze", "kl", "lm_loss")
+from loki.schema import BENCHMARK_MODES as MODES  # noqa: E402  the one list of modes (the schema checks it)
 STAGES = (None, "before", "after")
 KL_FORMAT = "loki-retention-kl-v1"
 _WARNED: set[str] = set()
