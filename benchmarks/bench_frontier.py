@@ -3,7 +3,7 @@ real-model study's settings, measuring everything, writing a checkpoint and an e
 frontier's path (the same training, evaluated in memory on what the frontier's table reads), by stage,
 and an interpolation point (no training) of the frontier's path.
 
-    python benchmarks/bench_frontier.py [--steps 30] [--texts 32] [--threads 1]
+    python benchmarks/bench_frontier.py [--steps 30] [--texts 32] [--threads 1] [--impl hook,rows]
 
 Both paths train the same LoKI run (q = 0.1, lr 1e-3, 30 steps at batch 8 on 30 invented facts) and read
 the same held-out texts for KL and LM loss. The KVA store and the base model's measurements are made
@@ -90,15 +90,16 @@ def todays_path(steps: int, texts: int, out: Path) -> dict[str, float]:
     return clock.seconds
 
 
-def frontier_path(steps: int, texts: int, out: Path) -> tuple[dict[str, float], dict[str, float]]:
-    """The frontier's unit: one run, evaluated in memory, and one interpolation point of it."""
+def frontier_path(steps: int, texts: int, out: Path, impl: str = "hook") -> tuple[dict[str, float], dict[str, float]]:
+    """The frontier's unit: one run, evaluated in memory, and one interpolation point of it. `impl`:
+    LoKI's implementation (rows: only the [k, F] blocks are parameters; the same method)."""
     from studies.frontier.run import Frontier, FrontierConfig, RunKey
 
     extra = [o for o in overrides(steps, texts)[2:] if not o.startswith(("loki.q", "optimizer.lr", "trainer.", "++trainer"))]
     extra = [o for o in extra if "mmlu." not in o and "mmlu_cloze." not in o]  # letter and cloze: opt-in, off here
     extra += ["eval.benchmarks.mmlu.enabled=false", "eval.benchmarks.mmlu_cloze.enabled=false"]
     frontier = FrontierConfig(name="bench", model="smollm135m", task="toy_facts", steps=steps, seeds=[0], alphas=[0.5],
-                              interpolate_top=1, overrides=extra, methods=[{"name": "loki-q0.1", "overrides": ["loki.q=0.1"], "lrs": [1e-3]}])
+                              interpolate_top=1, overrides=extra, methods=[{"name": "loki-q0.1", "overrides": ["loki.q=0.1", f"loki.impl={impl}"], "lrs": [1e-3]}])
     runner = Frontier(frontier, out)
     runner.base()  # the base's measurements: once per frontier (untimed, as cached in practice)
     runner.base_state()
@@ -118,25 +119,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps of the run")
     parser.add_argument("--texts", type=int, default=32, help="held-out texts of the KL and LM-loss measures")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--impl", default="hook", help="LoKI implementations of the frontier path, comma-separated (hook,rows)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    impls = [i.strip() for i in args.impl.split(",") if i.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         old = todays_path(args.steps, args.texts, Path(tmp) / "today")
-        new, interp = frontier_path(args.steps, args.texts, Path(tmp) / "frontier")
+        new = {impl: frontier_path(args.steps, args.texts, Path(tmp) / f"frontier-{impl}", impl) for impl in impls}
     stages = ["train (Trainer.fit)", "train (Trainer.fit and setup)", "retention", "task", "export", "total"]
-    print(f"SmolLM2-135M-Instruct (Q4_1, dequantized), LoKI q=0.1, {args.steps} steps at batch 8, {args.texts} held-out texts, "
-          f"{args.threads} thread(s); seconds per point")
-    print("| stage | today's path | frontier point | interpolation point |")
-    print("|---|---|---|---|")
+    print(f"SmolLM2-135M-Instruct (Q4_1, dequantized), LoKI q=0.1 lr 1e-3, {args.steps} steps at batch 8, {args.texts} held-out texts, "
+          f"{args.threads} thread(s); seconds per point (today's path: loki.impl=hook)")
+    columns = ["today's path"] + [f"frontier point ({i})" for i in impls] + [f"interpolation point ({i})" for i in impls]
+    print("| stage | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
     for stage in stages:
-        cells = [old.get(stage), new.get(stage), interp.get(stage)]
+        cells = [old.get(stage)] + [new[i][0].get(stage) for i in impls] + [new[i][1].get(stage) for i in impls]
         if all(c is None for c in cells):
             continue
         print(f"| {stage} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
-    print(f"| ratio to today's point | 1.00 | {new['total'] / old['total']:.2f} | {interp['total'] / old['total']:.2f} |")
-    print(f"speed-up of a frontier point: {old['total'] / new['total']:.2f}x; interpolation / frontier point: "
-          f"{interp['total'] / new['total']:.2f}")
-    print(json.dumps({"today": old, "frontier": new, "interpolation": interp}))
+    ratios = [1.0] + [new[i][0]["total"] / old["total"] for i in impls] + [new[i][1]["total"] / old["total"] for i in impls]
+    print("| ratio to today's point | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
+    for impl in impls:
+        point, interp = new[impl]
+        print(f"impl={impl}: a frontier point is {old['total'] / point['total']:.2f}x faster than today's; "
+              f"an interpolation point costs {interp['total'] / point['total']:.2f} of a frontier point")
+    print(json.dumps({"today": old, **{f"frontier-{i}": new[i][0] for i in impls}, **{f"interpolation-{i}": new[i][1] for i in impls}}))
 
 
 if __name__ == "__main__":

@@ -173,7 +173,7 @@ class TrainSchema:
     ckpt_path: Any = None          # a Lightning checkpoint to resume from (e.g. <run dir>/checkpoints/last.ckpt)
     checkpoint_every_n_steps: Any = None  # also checkpoint every N optimizer steps (null: once per epoch)
     method_name: Any = "${method:${loki.enabled},${lora.rank},${loki.q},${loki.strategy},${lora.variant}}"  # short label for logs and tables
-    experiment_name: Any = None    # an experiment's name (the W&B group of a sweep's jobs)
+    experiment_name: Any = "${task.name}"  # the W&B group of the jobs: an experiment preset names itself, else the task
     lr_schedule: LrScheduleConfig = field(default_factory=LrScheduleConfig)  # the LR after warm-up
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)  # which measurements the run makes
     export: Any = field(default_factory=lambda: {"format": "full"})  # full: <run dir>/model | adapter: only the trained rows | none

@@ -80,6 +80,7 @@ class FrontierConfig:
     measures: Any = field(default_factory=lambda: ["kl", "lm_loss_delta", "avg"])  # forgetting measures of the report
     levels: Any = None             # task levels of the matched table (null: a few every method reaches)
     n_boot: Any = 1000             # bootstrap replicates of the intervals
+    task_val: Any = False          # also score each trained run on the task's validation items (to choose an LR by them; the tables do not read it)
     threads: Any = 1               # torch threads per process (one process per core is faster on small matrices)
 
     def __post_init__(self) -> None:
@@ -109,6 +110,7 @@ class FrontierConfig:
         if self.levels is not None and not (isinstance(self.levels, (list, tuple)) and all(isinstance(v, (int, float)) for v in self.levels)):
             checks.fail(k("levels"), "null or a list of task levels", self.levels)
         checks.integer(k("n_boot"), self.n_boot, low=0)
+        checks.boolean(k("task_val"), self.task_val)
         checks.integer(k("threads"), self.threads, low=1)
 
 
@@ -354,7 +356,7 @@ class Frontier:
 
                     delta = weight_delta(self.base_state(), model)
                 delta.apply(model, alpha)
-            measured, items = self.measure(model, tokenizer, with_val=alpha == 1.0)
+            measured, items = self.measure(model, tokenizer, with_val=bool(self.frontier.task_val) and alpha == 1.0)
             point = self.point_record(measured, key.method, key, alpha, int(metrics.get("steps", 0)), str(run_dir))
             point.update(id=point_id, settings=digests[alpha], seconds_train=round(train_seconds, 1) if alpha == 1.0 else 0.0,
                          val_loss=metrics.get("val_loss"), trainable=metrics.get("trainable"))
