@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +101,21 @@ def test_alpha_zero_is_the_base_and_alpha_one_is_the_run(tmp_path):
     at_one, _ = runner.measure(model, setup.tokenizer)
     assert at_one["task_metrics"] == trained["task_metrics"] and at_one["retention"] == trained["retention"]
     assert trained["retention"]["retention/toy_kl/kl"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "frontier").glob("*.yaml")))
+def test_every_shipped_frontier_validates_and_its_runs_compose(name):
+    """Each conf/frontier/<name>.yaml passes its checks, and every run of its design composes as train.py would."""
+    from omegaconf import OmegaConf
+
+    from loki import checks
+    from studies.frontier.run import FrontierConfig, RunKey, compose_train, design, train_overrides
+
+    raw = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "frontier" / f"{name}.yaml"))
+    with checks.located("frontier"):
+        frontier = FrontierConfig(**raw)
+    for method in frontier.methods:
+        key = RunKey(method.name, float(method.lrs[0]), frontier.seeds[0])
+        cfg = compose_train(train_overrides(frontier, method, key, Path("/tmp/unused")))
+        assert cfg.optimizer.lr == method.lrs[0] and cfg.trainer.max_steps == frontier.steps
+    assert len(design(frontier)) == sum(len(m.lrs) for m in frontier.methods) * len(frontier.seeds)
