@@ -94,12 +94,14 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
         return positions, f"positions file {path}"
     check_q(q)
     strategy = loki_cfg.strategy
-    if strategy in ("random", "smallest_norm"):  # the cheap controls read no score store: no attribution runs
+    from loki.select import NO_SCORE_STRATEGIES
+
+    if strategy in NO_SCORE_STRATEGIES:  # the cheap controls read no score store: no attribution runs
         from loki.select import random_positions, smallest_norm_positions
 
         if strategy == "random":
             positions = random_positions(d.num_layers, d.hidden_size, q, seed=int(loki_cfg.seed))
-            source = f"random selection (seed {int(loki_cfg.get('seed', 0))}), no attribution"
+            source = f"random selection (seed {int(loki_cfg.seed)}), no attribution"
         else:
             positions = smallest_norm_positions((proj.weight for proj in arch.down_projs(model)), q)
             source = "smallest_norm selection (down_proj row norms), no attribution"
@@ -146,7 +148,7 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
         score=loki_cfg.score,
     )
     positions = validate_positions(positions, d.num_layers, d.hidden_size)
-    return positions, f"{loki_cfg.get('strategy')} selection (score={loki_cfg.get('score')}) from {store.num_samples} samples in {store_dir}"
+    return positions, f"{loki_cfg.strategy} selection (score={loki_cfg.score}) from {store.num_samples} samples in {store_dir}"
 
 
 def write_json(path: str | Path, data: Any) -> Path:
@@ -487,7 +489,7 @@ def finish(cfg: DictConfig, setup: Setup, model: nn.Module, retention_before: di
         _record_device(setup, "task", model)
         metrics["task_metrics"] = setup.task.evaluate(model, setup.tokenizer, stage="test")
         if cfg.evaluate.task_val and setup.task.has_val:  # the validation metric an LR grid picks on
-            metrics["task_metrics_val"] = setup.task.evaluate(model, setup.tokenizer, stage="val")
+            metrics["task_metrics_val"] = _final_val_metrics(setup, trainer) or setup.task.evaluate(model, setup.tokenizer, stage="val")
     if retention_before is not None:
         retention_after = evaluate_retention(cfg, setup, stage="after")
         metrics["retention"] = {"before": retention_before, "after": retention_after}
@@ -518,6 +520,17 @@ def finish(cfg: DictConfig, setup: Setup, model: nn.Module, retention_before: di
     print(format_report(metrics))
     print(f"run dir: {setup.run_dir}")
     return metrics
+
+
+def _final_val_metrics(setup: Setup, trainer: Any) -> dict | None:
+    """The task's validation metrics as the per-validation callback measured them at the last optimizer
+    step (the final weights), so they are not computed twice; None when the last validation came earlier."""
+    from loki.eval import TaskMetricCallback
+
+    for callback in setup.callbacks:
+        if isinstance(callback, TaskMetricCallback) and callback.last and callback.last_step == trainer.global_step:
+            return dict(callback.last)
+    return None
 
 
 def _trainable_summary(model: nn.Module) -> dict:

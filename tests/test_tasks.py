@@ -101,3 +101,20 @@ def test_schema_defaults_fill_what_the_yaml_leaves_out():
     mmlu = cfg.eval.benchmarks.mmlu
     assert (mmlu.offset, mmlu.per_subject, mmlu.split, mmlu.seed) == (50, 20, "test", 3)
     assert cfg.eval.benchmarks.mmlu_lm_loss.chat_template is False and cfg.eval.benchmarks.mmlu_kl.top_k == 256
+
+
+def test_the_final_validation_metric_is_not_measured_twice(tmp_path, monkeypatch):
+    """When the per-validation callback measured the task at the last optimizer step, metrics.json's
+    `task_metrics_val` is that measurement, not a second evaluation of the same weights."""
+    from loki.tasks import Task
+
+    calls: list[str] = []
+    real = Task.evaluate
+    monkeypatch.setattr(Task, "evaluate", lambda self, model, tok, stage="test", items=None: calls.append(stage) or real(self, model, tok, stage, items))
+    metrics = run_train(tmp_path / "run", "model=tiny", "task=tiny_rerank", "loki=off", "export=false", "evaluate.retention=false")
+    assert calls == ["val", "test"]  # one validation at the end of the one epoch, then the test
+    assert metrics["task_metrics_val"]["map@1"] >= 0 and set(metrics["task_metrics_val"]) == set(metrics["task_metrics"])
+    calls.clear()
+    run_train(tmp_path / "run2", "model=tiny", "task=tiny_rerank", "loki=off", "export=false", "evaluate.retention=false",
+              "evaluate.validation_task_metric=false")
+    assert calls == ["test", "val"]  # no callback: the end measures the validation items itself

@@ -68,6 +68,7 @@ class TaskMetricCallback(pl.Callback):
         self.task = task if isinstance(task, Task) else Task("task", None, _plain(task))
         self.tokenizer = tokenizer
         self.last: dict[str, float] = {}
+        self.last_step: int | None = None  # the optimizer step `last` was measured at
 
     def _tokenizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
         for candidate in (self.tokenizer, getattr(pl_module, "tokenizer", None), getattr(trainer.datamodule, "tokenizer", None)):
@@ -80,6 +81,7 @@ class TaskMetricCallback(pl.Callback):
             return
         model = getattr(pl_module, "model", pl_module)
         self.last = self.task.evaluate(model, self._tokenizer(trainer, pl_module), stage="val")
+        self.last_step = trainer.global_step
         for key, value in self.last.items():
             if key.rsplit("/", 1)[-1] not in COUNT_KEYS:
                 pl_module.log(f"val/{key}", float(value), rank_zero_only=True, logger=True, prog_bar=False)

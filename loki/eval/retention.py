@@ -341,23 +341,12 @@ def score_lm_loss(
     list), one dict per scored text (texts of at least two tokens, in input order) is appended:
     {"nll": its summed NLL in nats, "tokens": its predicted tokens}, so lm_loss = sum(nll) / sum(tokens)."""
     usable = [s for s in sequences if len(s) >= 2]
-    if not usable:
-        raise LokiError("lm_loss needs texts of at least two tokens.")
-    per_text: list[dict[str, float] | None] = [None] * len(usable)
-    total, tokens = 0.0, 0
+    nll: list = [None] * len(usable)
     spans = [(0, len(s) - 1) for s in usable]  # every position but the last predicts a token; padding is skipped
     for chunk, rows in span_logits(model, usable, spans, pad_token_id(tokenizer), batch_size):
         for i, logits in zip(chunk, rows):
-            n = len(usable[i])
-            targets = torch.as_tensor(list(usable[i][1:]), device=logits.device)
-            lp = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])
-            nll = -float(lp.double().sum())
-            total += nll
-            tokens += n - 1
-            per_text[i] = {"nll": nll, "tokens": n - 1}
-    if items is not None:
-        items.extend(per_text)  # type: ignore[arg-type]
-    return {"lm_loss": total / tokens, "n": float(len(usable)), "tokens": float(tokens)}
+            _record_nll(nll, i, torch.log_softmax(logits.float(), -1), usable[i])
+    return lm_loss_from_nll(nll, items)
 
 
 # --------------------------------------------------------------------------------------------- KL

@@ -190,6 +190,9 @@ class Frontier:
         self.out = Path(out)
         self.shard = shard
         self.base_cfg = compose_train(train_overrides(frontier, frontier.methods[0], RunKey("base", 1.0, 0), self.out / "base"))
+        from loki.tasks import Task
+
+        self.task = Task.from_config(self.base_cfg.task)  # the same task for every point of the design
         self._base: dict | None = None
         self._base_state: dict | None = None
         self.timings: dict[str, float] = {}
@@ -282,9 +285,8 @@ class Frontier:
         ("before": the base, which stores its distributions; "after": compared with them). Interpolation
         points skip the validation items: only a trained run's LR is chosen on them."""
         from loki.eval import run_retention
-        from loki.tasks import Task
 
-        task = Task.from_config(self.base_cfg.task)
+        task = self.task
         started = time.time()
         task_items: list = []
         test = task.evaluate(model, tokenizer, "test", items=task_items)
