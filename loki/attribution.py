@@ -202,9 +202,9 @@ def run(
             model_name=cfg.model.name,
             kva=kva,
             data=data,
-            batch_size=kva.get("batch_size", 8),
+            batch_size=kva["batch_size"],
             trainer_kwargs=trainer_kwargs,
             logger=logger,
-            heatmap_q=kva.get("heatmap_q"),
+            heatmap_q=kva["heatmap_q"],
             progress=progress,
         )

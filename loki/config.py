@@ -42,9 +42,27 @@ class _Checker:
     def get(self, key: str) -> Any:
         try:
             value = OmegaConf.select(self.cfg, key, throw_on_missing=True)
+            return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
         except Exception as err:  # an interpolation that cannot resolve, a missing mandatory value
             raise LokiError(f"{key} could not be read from the config ({err}).") from None
-        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+    def resolvable(self, key: str) -> dict:
+        """The mapping at `key`, resolved; a value whose interpolation cannot resolve here
+        (`${hydra:runtime.output_dir}` in a config composed outside a Hydra run) reads as null."""
+        node = OmegaConf.select(self.cfg, key)
+        values: dict = {}
+        for name in node or {}:
+            child = node._get_node(name)
+            if isinstance(child, DictConfig) and not child._is_interpolation():
+                values[name] = self.resolvable(f"{key}.{name}")
+                continue
+            try:
+                values[name] = self.get(f"{key}.{name}")
+            except Exception:
+                if not child._is_interpolation():
+                    raise
+                values[name] = None
+        return values
 
     # Each check reads the key's value and hands it to loki.checks (one sentence per bad value).
 
@@ -159,6 +177,8 @@ def check_attribute_config(cfg: DictConfig) -> None:
     if isinstance(c.get("trainer.devices"), int):  # else "auto" or a device list: Lightning checks those
         c.integer("trainer.devices", low=1)
     c.integer("trainer.num_nodes", low=1)
+    schema.validate_edge(c.resolvable("logger"), "logger")
+    schema.validate_paths(c.resolvable("paths"))
 
 
 def _check_peft(c: _Checker) -> None:
@@ -240,6 +260,15 @@ def _check_export(c: _Checker) -> None:
             c.fail("export.format", f"full or none with lora.variant={variant} (its peft adapter needs a converted base; adapters exist for {', '.join(PEFT_ADAPTER_VARIANTS)})", fmt)
 
 
+def _check_edges(c: _Checker) -> None:
+    """optimizer, trainer, logger, callbacks and paths, each by its schema (loki.schema: chosen by `_target_`)."""
+    for group in ("optimizer", "trainer", "logger"):
+        schema.validate_edge(c.resolvable(group), group)
+    for name in OmegaConf.select(c.cfg, "callbacks") or {}:
+        schema.validate_edge(c.resolvable(f"callbacks.{name}"), f"callbacks.{name}")
+    schema.validate_paths(c.resolvable("paths"))
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Every value `train.py` reads, checked before any data or model is loaded."""
     from loki.implant import IMPLS
@@ -259,6 +288,7 @@ def check_train_config(cfg: DictConfig) -> None:
     c.number("lr_schedule.warmup_ratio", 0, 1, high_open=True)
     c.number("lr_schedule.min_ratio", 0, 1)
     c.positive("optimizer.lr")
+    _check_edges(c)
     for key in ("evaluate.retention", "evaluate.task", "evaluate.validation_task_metric"):
         c.boolean(key)
     _check_export(c)
@@ -301,6 +331,7 @@ def check_train_config(cfg: DictConfig) -> None:
             if not isinstance(scores, str) or not ScoreStore.exists(Path(scores).expanduser()):
                 c.fail("loki.scores", "auto or the directory of a finished attribution store", scores)
         c.boolean("loki.analyse_if_missing")
+        c.boolean("loki.use_shipped")
         _check_kva_and_data(c)  # read only when selecting from scores
         if c.get("evaluate.retention"):
             from loki.eval import check_disjoint

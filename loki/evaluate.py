@@ -19,6 +19,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from loki.errors import LokiError
+from loki import schema
+
+schema.register()  # the typed group schemas (paths/_schema ...), in Hydra's ConfigStore before the config is composed
 
 
 def run_config_file(run_dir: Path) -> Path:

@@ -31,13 +31,12 @@ from loki.lightning.module import CausalLMModule
 from loki.lightning.sharding import CompileForTraining, FullModelGather, release_process_group
 from loki.peft_methods import uses_peft
 from loki.files import settings_digest
+from loki.shipped import published_positions_path  # noqa: F401  (also imported from here)
 from loki.store import safe_name
 from loki.tasks import Task
 from loki.positions import Positions, check_q, load_positions, rows_per_layer, save_positions, validate_positions
 
 log = logging.getLogger(__name__)
-
-PUBLISHED_DIR = Path(__file__).parent / "published"
 
 
 def method_label(loki_enabled: bool, lora_rank: int, q: float | None, strategy: str | None, variant: str = "lora") -> str:
@@ -51,22 +50,6 @@ def method_label(loki_enabled: bool, lora_rank: int, q: float | None, strategy: 
     if strategy and strategy != "layer_balanced":
         label += f"-{strategy}"
     return label + (f"+lora-r{int(lora_rank)}" if lora_rank else "")
-
-
-def published_positions_path(model_name: str, q: float) -> Path:
-    """The authors' file for this model and q, if they published one (q in 5/10/20/30 %)."""
-    percent = round(q * 100, 6)
-    folder = PUBLISHED_DIR / model_name
-    path = folder / f"{percent:g}.json"
-    if not path.exists():
-        available = sorted(p.stem for p in folder.glob("*.json")) if folder.exists() else []
-        have = sorted(p.name for p in PUBLISHED_DIR.iterdir() if p.is_dir())
-        raise LokiError(
-            f"no published positions for model '{model_name}' at q={q:g} "
-            + (f"(published q in %: {', '.join(available)})" if available else f"(published for: {', '.join(have)})")
-            + "; run the attribution stage and use loki.scores instead."
-        )
-    return path
 
 
 def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tuple[Positions, str]:
@@ -114,6 +97,20 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
     if loki_cfg.scores == "auto":
         store_dir = attribution.default_store(cfg)
         if not ScoreStore.exists(store_dir):
+            shipped, why_not = None, "loki.use_shipped=false"
+            if loki_cfg.use_shipped:  # the same positions, when shipped for exactly this store and selection
+                from loki.shipped import shipped_for
+
+                kva, data = attribution.settings(cfg)
+                wanted = store_meta(model, tokenizer, cfg.model.name, kva, data, prompt_format(data.get("prompt") or "letter"))
+                shipped, why_not = shipped_for(cfg.model.name, q, wanted, loki_cfg.strategy, loki_cfg.score)
+            if shipped is not None:
+                positions = validate_positions(load_positions(shipped), d.num_layers, d.hidden_size, where=str(shipped))
+                return positions, (
+                    f"shipped positions {shipped} ({loki_cfg.strategy}, score={loki_cfg.score}; made from a store with these "
+                    f"exact settings; no store at {store_dir}: loki.use_shipped=false analyses instead)"
+                )
+            log.info("No shipped positions to use (%s).", why_not)
             if not loki_cfg.analyse_if_missing:
                 raise LokiError(
                     f"no attribution scores for model '{cfg.model.name}' with these kva/data settings at {store_dir}; "
@@ -121,7 +118,7 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
                     "loki.positions=PATH (or loki.positions=published)."
                 )
             log.info("No attribution scores for %s with these settings yet: analysing first (once per base model and settings).", cfg.model.name)
-            accelerator = cfg.trainer.get("accelerator", "auto")
+            accelerator = cfg.trainer.accelerator
             attribution.run(cfg, model, tokenizer, trainer_kwargs={"accelerator": accelerator, "devices": 1})
         store = ScoreStore(store_dir)
         kva, data = attribution.settings(cfg)
@@ -199,7 +196,7 @@ def trainer_options(cfg: DictConfig, setup: Setup) -> dict:
     from loki.lightning.progress import train_progress_bar
 
     callbacks = list(setup.callbacks)
-    if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+    if cfg.trainer.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
         bar = train_progress_bar()
         callbacks += [bar] if bar is not None else []
     options = {"callbacks": callbacks, "logger": setup.logger if setup.logger is not None else False, "default_root_dir": setup.run_dir}
@@ -359,7 +356,7 @@ def setup(cfg: DictConfig) -> Setup:
 def eval_device(cfg: DictConfig) -> torch.device:
     """Where this process evaluates: cuda:LOCAL_RANK when CUDA exists (unless trainer.accelerator=cpu),
     else the trainer's accelerator (mps when asked for or auto and present), else the CPU."""
-    accelerator = str(cfg.trainer.get("accelerator", "auto") or "auto").lower()
+    accelerator = str(cfg.trainer.accelerator or "auto").lower()
     if accelerator == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
@@ -584,7 +581,8 @@ def lr_multiplier(table: Any, q: float) -> float:
 
 
 def apply_lr_scale_with_q(cfg: DictConfig) -> float:
-    """Resolve `optimizer.lr_scale_with_q` into `optimizer.lr` (and drop the key: AdamW does not take it).
+    """Resolve `optimizer.lr_scale_with_q` into `optimizer.lr` and drop the key (AdamW does not take it): the
+    node becomes a plain mapping, since the typed schema has the key.
 
     Only LoKI runs with a q scale; the baselines and a positions file without q keep the rate. The base
     rate and the multiplier are kept under `lr_scale` for the logs. Returns the multiplier.
@@ -595,7 +593,7 @@ def apply_lr_scale_with_q(cfg: DictConfig) -> float:
         table = OmegaConf.to_container(cfg.optimizer.lr_scale_with_q, resolve=True) if OmegaConf.is_config(
             cfg.optimizer.lr_scale_with_q
         ) else cfg.optimizer.lr_scale_with_q
-        del cfg.optimizer["lr_scale_with_q"]
+        cfg.optimizer = {k: v for k, v in cfg.optimizer.items_ex(resolve=False) if k != "lr_scale_with_q"}
         q = cfg.loki.q if cfg.loki.enabled else None
         multiplier = lr_multiplier(table, float(q)) if q is not None and table not in (None, False) else 1.0
         if table not in (None, False):

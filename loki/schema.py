@@ -1,7 +1,8 @@
 """The typed config schema of train.py and attribute.py: every default held once, checked once.
 
-Each config group that the project reads has a dataclass here (the retention benchmarks, the LoKI and
-LoRA settings, the KVA settings and the attribution prompts, the model, the run's own keys) or in
+Every config group has a dataclass here (the retention benchmarks, the LoKI and LoRA settings, the KVA
+settings and the attribution prompts, the model, the run's own keys, and the edges that
+`hydra.utils.instantiate` builds: optimizer, trainer, logger, callbacks; and the paths) or in
 `loki.tasks` (`task.eval`, one per task kind). `register()` puts them in Hydra's ConfigStore as
 `<group>/_schema` (`task/_<kind>`), and each YAML option starts from its group's schema
 (`defaults: [_schema, _self_]`), so a YAML file holds only what differs from the schema, and an
@@ -12,7 +13,8 @@ The fields are annotated `Any` on purpose: composition stays lenient, so that a 
 value given, what is allowed) instead of OmegaConf's multi-line type error. The types are enforced in
 `__post_init__` (and, for the keys it has always covered, in `loki.config`), which runs when
 `validate_*` builds each dataclass from the resolved config, before any data or model is loaded.
-Unknown keys are refused at composition (the nodes are structured).
+Unknown keys are refused at composition (the nodes are structured); the edges take a keyword argument
+of the class they build with `+` (`+trainer.num_nodes=2`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,15 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")
 BENCHMARK_MODES = ("letter", "cloze", "kl", "lm_loss")
 KL_POSITIONS = ("last", "all")
 TEXT_PROMPTS = ("letter", "cloze", "text")
+
+
+def plain(values: Mapping[str, Any]) -> dict:
+    """A mapping as plain Python containers (an OmegaConf node resolved; omegaconf is imported only then)."""
+    if type(values).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(values, resolve=True)
+    return dict(values)
 
 
 def build(cls: type, values: Mapping[str, Any], where: str):
@@ -216,6 +227,7 @@ class LokiSchema:
     positions: Any = None          # a positions JSON (published format) or `published` (the authors' files); wins over scores
     scores: Any = "auto"           # attribution store to select from; auto = the store of this model and the kva/data settings
     analyse_if_missing: Any = True  # auto finds no store yet: run the attribution stage first, with the kva/data settings
+    use_shipped: Any = True        # auto finds no store: first use the positions shipped for this model (loki/published/) if made with exactly these settings
     strategy: Any = "layer_balanced"  # layer_balanced | layer_balanced_highest | global_lowest | global_highest | random | smallest_norm
     score: Any = "abs"             # abs: rank by magnitude (least damage on SmolLM2, docs/real_model.md); signed: the paper's reading
     seed: Any = 0                  # seed of the `random` strategy
@@ -331,6 +343,209 @@ def toy_model_schema() -> type:
     return dataclasses.make_dataclass("ToyModelSchema", own + build, bases=(ModelSchema,))
 
 
+# ------------------------------------------------------------------- the Lightning and torch edges
+# The groups that `hydra.utils.instantiate` builds (optimizer, trainer, logger, callbacks) and the paths.
+# Their schemas hold the YAML defaults once and check the values the project sets; keys they do not
+# name (`+trainer.num_nodes=2`, `+callbacks.early_stop={...}`) still compose, and are the built class's
+# to check. A schema is chosen by the node's `_target_` (`EDGE_SCHEMAS`); an optimizer, logger or
+# callback of another class is left to that class.
+
+
+def _whole_or_fraction(key: str, value: Any) -> None:
+    # Lightning's val_check_interval: a fraction of an epoch in (0, 1] or a step count >= 1.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (isinstance(value, float) and value > 1):
+        checks.fail(key, "a fraction of an epoch in (0, 1] or a step count >= 1", value)
+
+
+@dataclass
+class AdamWSchema:
+    """`optimizer` (conf/optimizer/adamw.yaml): AdamW over every parameter that requires a gradient."""
+
+    _target_: Any = "torch.optim.AdamW"  # decoupled weight decay; LokiCallback keeps it off the frozen rows
+    _partial_: Any = True          # the module passes the parameters (CausalLMModule.configure_optimizers)
+    lr: Any = "${loki.lr}"         # per model and method: model.finetune_lr (baselines) or model.loki_lr (LoKI)
+    lr_scale_with_q: Any = None    # LoKI lr x f(q): [[q, multiplier], ...] linear between points, flat outside; `paper` = [[0.1, 1.0], [0.3, 0.4]]; null: off
+    weight_decay: Any = 0.1        # as in common LLM fine-tuning recipes; exercises the frozen-row guarantee
+    betas: Any = field(default_factory=lambda: [0.9, 0.95])  # usual for LLM fine-tuning
+    eps: Any = 1.0e-8              # AdamW's default
+
+    def __post_init__(self) -> None:
+        k = checks.key
+        if self._partial_ is not True:
+            checks.fail(k("_partial_"), "true (the module passes the parameters)", self._partial_)
+        checks.positive(k("lr"), self.lr)
+        checks.number(k("weight_decay"), self.weight_decay, 0, float("inf"))
+        if not (isinstance(self.betas, (list, tuple)) and len(self.betas) == 2):
+            checks.fail(k("betas"), "two numbers in [0, 1)", self.betas)
+        for beta in self.betas:
+            checks.number(k("betas"), beta, 0, 1, high_open=True)
+        checks.positive(k("eps"), self.eps)
+
+
+def _precisions() -> tuple[str, ...]:
+    import typing
+
+    from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+
+    return typing.get_args(_PRECISION_INPUT_STR) + typing.get_args(_PRECISION_INPUT_STR_ALIAS)
+
+
+@dataclass
+class TrainerSchema:
+    """`trainer` (conf/trainer/): keyword arguments of lightning.pytorch.Trainer; trainer/gpu.yaml, ddp_cpu.yaml,
+    fsdp.yaml and deepspeed_zero2.yaml change a few of them."""
+
+    _target_: Any = "lightning.pytorch.Trainer"
+    accelerator: Any = "auto"      # GPU when present, else CPU
+    devices: Any = 1               # one process (-1: every visible GPU; a list picks them)
+    strategy: Any = "auto"         # Lightning picks single-device; ddp, deepspeed_stage_2 or a `_target_` strategy
+    precision: Any = "32-true"     # CPU default; bf16-mixed on GPUs (trainer=gpu)
+    max_epochs: Any = 1            # SFT data is usually seen once
+    max_steps: Any = -1            # -1: epochs decide; set to cap a run
+    accumulate_grad_batches: Any = 1  # raise to reach a larger effective batch
+    gradient_clip_val: Any = 1.0   # usual for LLM fine-tuning; clipping never moves frozen rows
+    val_check_interval: Any = 1.0  # validate once per epoch (fraction of an epoch or a step count)
+    log_every_n_steps: Any = 10    # logging cadence
+    num_sanity_val_steps: Any = 0  # the validation set is evaluated properly at epoch end anyway
+    deterministic: Any = False     # true costs speed on GPU; tests set it where bit-exactness is asserted
+    enable_model_summary: Any = False  # LokiCallback prints the trainable-parameter summary instead
+    enable_progress_bar: Any = True  # the project's bar (tokens/s, ETA: loki.lightning.progress); false in batch jobs
+
+    def __post_init__(self) -> None:
+        k = checks.key
+        checks.text(k("accelerator"), self.accelerator)
+        if not (self.devices == "auto" or self.devices == -1 or isinstance(self.devices, (list, tuple))):
+            checks.integer(k("devices"), self.devices, low=1)
+        if not isinstance(self.strategy, Mapping):
+            checks.text(k("strategy"), self.strategy, what="a strategy name or a `_target_` mapping")
+        if str(self.precision) not in _precisions():
+            checks.fail(k("precision"), "one of " + ", ".join(_precisions()), self.precision)
+        checks.integer(k("max_epochs"), self.max_epochs, low=-1, optional=True)
+        checks.integer(k("max_steps"), self.max_steps, low=-1)
+        checks.integer(k("accumulate_grad_batches"), self.accumulate_grad_batches, low=1)
+        checks.number(k("gradient_clip_val"), self.gradient_clip_val, 0, float("inf"), optional=True)
+        _whole_or_fraction(k("val_check_interval"), self.val_check_interval)
+        checks.integer(k("log_every_n_steps"), self.log_every_n_steps, low=1)
+        checks.integer(k("num_sanity_val_steps"), self.num_sanity_val_steps, low=-1)
+        if self.deterministic != "warn":
+            checks.boolean(k("deterministic"), self.deterministic)
+        checks.boolean(k("enable_model_summary"), self.enable_model_summary)
+        checks.boolean(k("enable_progress_bar"), self.enable_progress_bar)
+
+
+@dataclass
+class CSVLoggerSchema:
+    """`logger=csv`: metrics as CSV inside the run dir, no account needed."""
+
+    _target_: Any = "lightning.pytorch.loggers.CSVLogger"
+    save_dir: Any = "${paths.output_dir}"  # the run dir
+    name: Any = "csv"              # subfolder
+    version: Any = ""              # no version_N subfolder: one run dir = one run
+
+    def __post_init__(self) -> None:
+        checks.text(checks.key("save_dir"), self.save_dir, optional=True)  # null only outside a Hydra run (no run dir yet)
+        checks.text(checks.key("name"), self.name)
+
+
+@dataclass
+class WandbLoggerSchema:
+    """`logger=wandb`: Weights & Biases dashboards (offline without an account: WANDB_MODE=offline)."""
+
+    _target_: Any = "lightning.pytorch.loggers.WandbLogger"
+    project: Any = "loki"          # W&B project
+    name: Any = "${method_name}-s${seed}-${now:%Y%m%d-%H%M%S-%f}"  # method (with q), seed, start time: unique across a sweep's jobs
+    save_dir: Any = "${paths.output_dir}"  # wandb files inside the run dir
+    log_model: Any = False         # the HF export is the artefact; checkpoints stay local
+    group: Any = "${oc.select:experiment_name,${task.name}}"  # the experiment preset's name (experiment_name), else the task
+    job_type: Any = "${model.name}-${task.name}"  # what was trained on what
+    tags: Any = field(default_factory=lambda: ["loki"])  # searchable
+
+    def __post_init__(self) -> None:
+        k = checks.key
+        for name in ("project", "name"):
+            checks.text(k(name), getattr(self, name))
+        checks.text(k("save_dir"), self.save_dir, optional=True)  # null only outside a Hydra run
+        if self.log_model != "all":
+            checks.boolean(k("log_model"), self.log_model)
+        checks.string_list(k("tags"), self.tags)
+
+
+@dataclass
+class NoLoggerSchema:
+    """`logger=none`: no logger (Trainer(logger=False)); metrics still go to metrics.json and the printed table."""
+
+    _target_: Any = None           # nothing to instantiate
+
+
+@dataclass
+class CheckpointSchema:
+    """`callbacks.checkpoint`: Lightning's ModelCheckpoint, writing only last.ckpt (`~callbacks.checkpoint`: none)."""
+
+    _target_: Any = "lightning.pytorch.callbacks.ModelCheckpoint"
+    dirpath: Any = "${paths.output_dir}/checkpoints"  # inside the run dir; `ckpt_path=` resumes from here
+    save_last: Any = True          # last.ckpt for resuming an interrupted run
+    save_top_k: Any = 0            # only last.ckpt: the exported HF model is the result
+    every_n_train_steps: Any = "${checkpoint_every_n_steps}"  # also mid-epoch, so a killed run loses little (resume continues the epoch exactly)
+
+    def __post_init__(self) -> None:
+        k = checks.key
+        checks.text(k("dirpath"), self.dirpath, optional=True)  # null: Lightning's default_root_dir
+        if self.save_last != "link":
+            checks.boolean(k("save_last"), self.save_last)
+        checks.integer(k("save_top_k"), self.save_top_k, low=-1)
+        checks.integer(k("every_n_train_steps"), self.every_n_train_steps, low=1, optional=True)
+
+
+@dataclass
+class LRMonitorSchema:
+    """`callbacks.lr_monitor`: Lightning's LearningRateMonitor."""
+
+    _target_: Any = "lightning.pytorch.callbacks.LearningRateMonitor"
+    logging_interval: Any = "step"  # one point per optimizer step
+
+    def __post_init__(self) -> None:
+        checks.one_of(checks.key("logging_interval"), self.logging_interval, ("step", "epoch"), optional=True)
+
+
+@dataclass
+class PathsSchema:
+    """`paths`: where things go; absolute or env-driven, so nothing depends on the working directory."""
+
+    cache_dir: Any = "${oc.env:LOKI_CACHE,${oc.env:HOME}/.cache/loki}"  # per-model artefacts reused across runs (scores, toy model)
+    log_dir: Any = "${oc.env:LOKI_LOG_DIR,outputs}"  # parent of every run dir
+    output_dir: Any = "${hydra:runtime.output_dir}"  # this run's dir (Hydra creates it)
+
+    def __post_init__(self) -> None:
+        for name in ("cache_dir", "log_dir"):
+            checks.text(checks.key(name), getattr(self, name))
+        checks.text(checks.key("output_dir"), self.output_dir, optional=True)  # null only outside a Hydra run
+
+
+# The schema of each class that the edges build, by `_target_`.
+EDGE_SCHEMAS: dict[str, type] = {
+    cls._target_: cls
+    for cls in (AdamWSchema, TrainerSchema, CSVLoggerSchema, WandbLoggerSchema, CheckpointSchema, LRMonitorSchema)
+}
+
+
+def validate_edge(values: Mapping[str, Any], where: str) -> Any:
+    """The node at `where` (resolved) checked by its `_target_`'s schema; keys that the schema does not
+    name belong to the built class and are left to it. Returns the dataclass, or None for another class."""
+    cls = EDGE_SCHEMAS.get(values.get("_target_")) if isinstance(values, Mapping) else None
+    if cls is None:
+        return None
+    known = {f.name for f in dataclasses.fields(cls)}
+    with checks.located(where):
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def validate_paths(values: Mapping[str, Any], where: str = "paths") -> PathsSchema:
+    """`cfg.paths` (resolved) checked; keys added with `+paths.<name>` are the user's own."""
+    known = {f.name for f in dataclasses.fields(PathsSchema)}
+    with checks.located(where):
+        return PathsSchema(**{k: v for k, v in values.items() if k in known})
+
+
 # ------------------------------------------------------------------------------------ registration
 
 
@@ -340,22 +555,34 @@ def _node(cls: type) -> dict:
 
 
 def register() -> None:
-    """Put the schemas in Hydra's ConfigStore (idempotent): `<group>/_schema` and `task/_<kind>`."""
+    """Put the schemas in Hydra's ConfigStore (idempotent): `<group>/_schema` (or a named option's
+    `_<option>`) and `task/_<kind>`."""
     from hydra.core.config_store import ConfigStore
 
     from loki.tasks import kinds, schema_of
 
     store = ConfigStore.instance()
     store.store(name="_train_schema", node=TrainSchema)
-    store.store(group="eval", name="_schema", node=RetentionConfig)
-    store.store(group="loki", name="_schema", node=LokiSchema)
-    store.store(group="lora", name="_schema", node=LoraSchema)
-    store.store(group="kva", name="_schema", node=KvaSchema)
-    store.store(group="data", name="_schema", node=PromptDataSchema)
-    store.store(group="model", name="_pretrained", node=PretrainedModelSchema)
-    store.store(group="model", name="_random", node=RandomModelSchema)
-    store.store(group="model", name="_gguf", node=GgufModelSchema)
-    store.store(group="model", name="_toy", node=toy_model_schema())
+    for group, name, node in (
+        ("eval", "_schema", RetentionConfig),
+        ("loki", "_schema", LokiSchema),
+        ("lora", "_schema", LoraSchema),
+        ("kva", "_schema", KvaSchema),
+        ("data", "_schema", PromptDataSchema),
+        ("model", "_pretrained", PretrainedModelSchema),
+        ("model", "_random", RandomModelSchema),
+        ("model", "_gguf", GgufModelSchema),
+        ("model", "_toy", toy_model_schema()),
+        ("optimizer", "_adamw", AdamWSchema),
+        ("trainer", "_schema", TrainerSchema),
+        ("logger", "_csv", CSVLoggerSchema),
+        ("logger", "_wandb", WandbLoggerSchema),
+        ("logger", "_none", NoLoggerSchema),
+        ("callbacks", "_checkpoint", CheckpointSchema),  # placed at callbacks.checkpoint by callbacks/default.yaml
+        ("callbacks", "_lr_monitor", LRMonitorSchema),
+        ("paths", "_schema", PathsSchema),
+    ):
+        store.store(group=group, name=name, node=node)
     for kind in kinds():
         store.store(group="task", name=f"_{kind}", node=TaskSchema.of(schema_of(kind)))
 

@@ -8,6 +8,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from loki import schema
+
+schema.register()  # the typed group schemas (paths/_schema ...), in Hydra's ConfigStore before the config is composed
+
 
 # an absolute path: `python -m studies` and `python -m loki.study` both call this from another module
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="study")

@@ -124,6 +124,33 @@ BAD_TRAIN_VALUES = [
     ("eval.lm_eval.tasks=hellaswag", "eval.lm_eval.tasks must be a list of names, got 'hellaswag'."),
     ("eval.lm_eval.bootstrap_iters=-1", "eval.lm_eval.bootstrap_iters must be an integer >= 0, got -1."),
     ("evaluate.task_val=often", "evaluate.task_val must be true or false, got 'often'."),
+    # the Lightning and torch edges, checked by their schemas (loki/schema.py, chosen by _target_)
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay must be a number in [0, inf], got -0.1."),
+    ("optimizer.betas=[0.9]", "optimizer.betas must be two numbers in [0, 1), got [0.9]."),
+    ("optimizer.betas=[0.9,1.0]", "optimizer.betas must be a number in [0, 1), got 1.0."),
+    ("optimizer.eps=0", "optimizer.eps must be a positive number, got 0."),
+    ("optimizer._partial_=false", "optimizer._partial_ must be true (the module passes the parameters), got False."),
+    ("trainer.precision=bf16-half", "trainer.precision must be one of transformer-engine, "),
+    ("trainer.devices=0", "trainer.devices must be an integer >= 1, got 0."),
+    ("trainer.strategy=5", "trainer.strategy must be a strategy name or a `_target_` mapping, got 5."),
+    ("trainer.max_steps=-5", "trainer.max_steps must be an integer >= -1, got -5."),
+    ("trainer.max_epochs=1.5", "trainer.max_epochs must be an integer >= -1 (or null), got 1.5."),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be an integer >= 1, got 0."),
+    ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val must be a number in [0, inf] (or null), got -1."),
+    ("trainer.val_check_interval=1.5", "trainer.val_check_interval must be a fraction of an epoch in (0, 1] or a step count >= 1, got 1.5."),
+    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps must be an integer >= 1, got 0."),
+    ("trainer.num_sanity_val_steps=-2", "trainer.num_sanity_val_steps must be an integer >= -1, got -2."),
+    ("trainer.deterministic=sometimes", "trainer.deterministic must be true or false, got 'sometimes'."),
+    ("trainer.enable_model_summary=1", "trainer.enable_model_summary must be true or false, got 1."),
+    ("logger.name=''", "logger.name must be a non-empty string, got ''."),
+    ("logger=wandb logger.tags=loki", "logger.tags must be a list of names (or null), got 'loki'."),
+    ("logger=wandb logger.log_model=maybe", "logger.log_model must be true or false, got 'maybe'."),
+    ("logger=wandb logger.project=''", "logger.project must be a non-empty string, got ''."),
+    ("callbacks.checkpoint.save_top_k=-2", "callbacks.checkpoint.save_top_k must be an integer >= -1, got -2."),
+    ("checkpoint_every_n_steps=0", "callbacks.checkpoint.every_n_train_steps must be an integer >= 1 (or null), got 0."),
+    ("callbacks.checkpoint.save_last=often", "callbacks.checkpoint.save_last must be true or false, got 'often'."),
+    ("callbacks.lr_monitor.logging_interval=batch", "callbacks.lr_monitor.logging_interval must be one of step, epoch (or null), got 'batch'."),
+    ("paths.cache_dir=''", "paths.cache_dir must be a non-empty string, got ''."),
 ]
 
 
@@ -164,3 +191,28 @@ def test_attribute_config_is_checked_too(bad, sentence):
     with pytest.raises(LokiError) as err:
         check_attribute_config(compose_config("attribute", "model=tiny", bad))
     assert str(err.value).startswith(sentence)
+
+
+def test_the_edge_groups_are_typed_yet_take_the_lightning_keys_they_do_not_name():
+    from hydra.errors import ConfigCompositionException
+    from omegaconf import OmegaConf
+
+    from loki import schema
+    from loki.config import check_train_config
+
+    cfg = compose_config("train", "model=tiny", "task=tiny_rerank")
+    types = {g: OmegaConf.get_type(cfg[g]) for g in ("optimizer", "trainer", "logger", "paths")}
+    assert types == {"optimizer": schema.AdamWSchema, "trainer": schema.TrainerSchema, "logger": schema.CSVLoggerSchema, "paths": schema.PathsSchema}
+    assert OmegaConf.get_type(cfg.callbacks.checkpoint) is schema.CheckpointSchema
+    assert cfg.trainer.gradient_clip_val == 1.0 and cfg.optimizer.betas == [0.9, 0.95]  # the defaults, held by the schema
+    # A Trainer argument the schema does not name is added with `+`; a callback is removed with `~` or added.
+    extra = compose_config("train", "model=tiny", "task=tiny_rerank", "+trainer.num_nodes=2", "~callbacks.checkpoint",
+                           "+callbacks.stop={_target_: lightning.pytorch.callbacks.EarlyStopping, monitor: val_loss}")
+    assert extra.trainer.num_nodes == 2 and set(extra.callbacks) == {"lr_monitor", "stop"}
+    check_train_config(extra)
+    with pytest.raises(ConfigCompositionException, match="trainer.max_step"):  # a typo is refused at composition
+        compose_config("train", "model=tiny", "trainer.max_step=5")
+    # Another optimizer class is that class's to check: only the AdamW schema's checks apply to AdamW.
+    assert schema.validate_edge({"_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 2}, "optimizer") is None
+    with pytest.raises(LokiError, match="optimizer.eps must be a positive number"):
+        schema.validate_edge({"_target_": "torch.optim.AdamW", "lr": 0.1, "eps": -1, "foreach": True}, "optimizer")

@@ -76,7 +76,7 @@ def test_evaluate_reloads_an_exported_run(tmp_path, chat_tokenizer):
         {
             "paths": {"output_dir": "${hydra:runtime.output_dir}"},  # unresolvable outside Hydra: must not be touched
             "task": {"name": "tiny_rerank", "eval": OmegaConf.load("conf/task/tiny_rerank.yaml").eval},
-            "eval": {"batch_size": 4, "benchmarks": {"mmlu": {"path": "tests/fixtures/mmlu/test.jsonl", "per_subject": None}}},
+            "eval": {"batch_size": 4, "benchmarks": {"mmlu": {"path": "tests/fixtures/mmlu/test.jsonl", "offset": 0, "per_subject": None}}},
         }
     )
     (run / ".hydra").mkdir()

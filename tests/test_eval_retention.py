@@ -38,7 +38,7 @@ def test_letter_mode_matches_hand_computed_accuracy_and_logprob(chat_tokenizer):
     row[letter_token_ids(chat_tokenizer)] = torch.log(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     answers = [json.loads(line)["answer"] for line in open(MMLU_FILE)]
     p = [0.1, 0.2, 0.3, 0.4]
-    got = run_benchmark(SameNextTokenLogits(row), chat_tokenizer, "mm", {"path": MMLU, "mode": "letter", "per_subject": None})
+    got = run_benchmark(SameNextTokenLogits(row), chat_tokenizer, "mm", {"path": MMLU, "mode": "letter", "offset": 0, "per_subject": None})
     assert got["retention/mm/n"] == len(answers)
     assert got["retention/mm/acc"] == pytest.approx(sum(a == 3 for a in answers) / len(answers))
     assert got["retention/mm/logprob"] == pytest.approx(sum(math.log(p[a]) for a in answers) / len(answers))
@@ -65,7 +65,7 @@ def test_cloze_mode_matches_hand_computed_scores(chat_tokenizer, tmp_path):
     # q one: "e" (1 char) has the best sum, "eee" the best per character; q two: "b" best sum, "eeeeee" per char
     assert [max(range(4), key=s.__getitem__) for s in sums] == [2, 3]
     gold = [s[r["answer"]] - math.log(sum(math.exp(v) for v in s)) for s, r in zip(sums, rows)]
-    got = run_benchmark(SameNextTokenLogits(row), chat_tokenizer, "c", {"path": str(data), "mode": "cloze", "per_subject": None})
+    got = run_benchmark(SameNextTokenLogits(row), chat_tokenizer, "c", {"path": str(data), "mode": "cloze", "offset": 0, "per_subject": None})
     assert got["retention/c/acc"] == pytest.approx(1 / 2)  # q two right, q one wrong
     assert got["retention/c/acc_norm"] == pytest.approx(1 / 2)  # q one right ("eee"), q two wrong
     assert got["retention/c/logprob"] == pytest.approx(sum(gold) / 2)
@@ -75,7 +75,7 @@ def test_cloze_mode_matches_hand_computed_scores(chat_tokenizer, tmp_path):
 def test_run_retention_on_a_tiny_model_restores_training_mode(chat_tokenizer):
     from tests.conftest import make_tiny_model
 
-    cfg = {"batch_size": 4, "benchmarks": {"mmlu": {"path": MMLU, "mode": "letter", "per_subject": None, "max_samples": 4}}}
+    cfg = {"batch_size": 4, "benchmarks": {"mmlu": {"path": MMLU, "mode": "letter", "offset": 0, "per_subject": None, "max_samples": 4}}}
     model = make_tiny_model(vocab=len(chat_tokenizer)).train()
     got = run_retention(model, chat_tokenizer, cfg)
     assert set(got) == {f"retention/mmlu/{m}" for m in ("acc", "logprob", "prob", "n")}
@@ -97,7 +97,7 @@ def test_batching_does_not_change_scores(chat_tokenizer):
     from tests.conftest import make_tiny_model
 
     model = make_tiny_model(vocab=len(chat_tokenizer))
-    bench = {"path": MMLU, "mode": "cloze", "per_subject": None, "max_samples": 2}
+    bench = {"path": MMLU, "mode": "cloze", "offset": 0, "per_subject": None, "max_samples": 2}
     one = run_benchmark(model, chat_tokenizer, "b", bench, batch_size=1)
     many = run_benchmark(model, chat_tokenizer, "b", bench, batch_size=8)
     assert one == pytest.approx(many, rel=1e-4)
@@ -111,7 +111,7 @@ def test_offset_reads_held_out_rows(chat_tokenizer):
 
     rows = load_rows({"path": MMLU, "offset": 2, "per_subject": None})
     assert len(rows) == 6 and all(int(r["id"].rsplit("/", 1)[1]) in (2, 3) for r in rows)
-    first = load_rows({"path": MMLU, "per_subject": 2})
+    first = load_rows({"path": MMLU, "offset": 0, "per_subject": 2})
     assert not {r["id"] for r in rows} & {r["id"] for r in first}
     got = run_benchmark(SameNextTokenLogits(torch.zeros(len(chat_tokenizer))), chat_tokenizer, "m",
                         {"path": MMLU, "mode": "letter", "offset": 2, "per_subject": None})
@@ -147,7 +147,7 @@ def test_lm_loss_is_the_token_weighted_mean_nll(chat_tokenizer, tmp_path):
     texts = [f"Question: {r['question']}\nAnswer: {r['choices'][r['answer']]}" for r in rows]
     ids = [chat_tokenizer(t)["input_ids"] for t in texts]
     expected = sum(-sum(lp[t] for t in seq[1:]) for seq in ids) / sum(len(s) - 1 for s in ids)
-    bench = {"mode": "lm_loss", "path": MMLU, "subjects": ["astronomy"], "offset": 2, "per_subject": None}
+    bench = {"mode": "lm_loss", "path": MMLU, "subjects": ["astronomy"], "offset": 2, "per_subject": None, "chat_template": False}
     got = run_benchmark(SameNextTokenLogits(row), chat_tokenizer, "qa", bench, batch_size=2)
     assert got["retention/qa/lm_loss"] == pytest.approx(expected) and got["retention/qa/n"] == 2
 

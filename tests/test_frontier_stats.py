@@ -306,8 +306,8 @@ def test_items_written_by_run_retention_reproduce_recorded_points(tmp_path):
     tok = build_chat_tokenizer()
     cfg = {"batch_size": 4, "benchmarks": {
         "kl": {"path": mmlu, "mode": "kl", "offset": 2, "per_subject": None, "prompt": "letter", "top_k": 16},
-        "qa": {"mode": "lm_loss", "path": mmlu, "per_subject": None, "max_samples": 5}}}
-    rows = load_rows({"path": mmlu, "per_subject": None})
+        "qa": {"mode": "lm_loss", "path": mmlu, "offset": 0, "per_subject": None, "chat_template": False, "max_samples": 5}}}
+    rows = load_rows({"path": mmlu, "offset": 0, "per_subject": None})
     (tmp_path / "items").mkdir()
     measured = {}
     for pid, seed, stage in (("base", 0, "before"), ("m__a1", 1, "after"), ("m__a.5", 2, "after")):

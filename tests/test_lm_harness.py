@@ -65,7 +65,7 @@ def test_local_tasks_on_a_tiny_model_agree_with_retention_cloze(chat_tokenizer, 
         "batch_size": 4,
         "benchmarks": {
             # the same rows and text as the lm-eval multiple-choice task: "Question: ...\nAnswer:" + " <choice>"
-            "cloze": {"path": "tests/fixtures/mmlu/test.jsonl", "mode": "cloze", "chat_template": False, "per_subject": None},
+            "cloze": {"path": "tests/fixtures/mmlu/test.jsonl", "mode": "cloze", "chat_template": False, "offset": 0, "per_subject": None},
         },
         "lm_eval": {
             "tasks": ["loki_fixture_mc", "loki_fixture_gen"],

@@ -55,6 +55,11 @@ def test_the_toolace_preset_sweeps_lora_and_lowers_the_rate_at_larger_q():
 def test_the_projects_own_presets_still_compose():
     assert compose_config("train", "experiment=qwen0.5b_reranker").loki.q == 0.05
     assert compose_config("train", "experiment=llama8b_toolace").loki.q == 0.1
+    quick = compose_config("train", "experiment=smollm135m_quickstart")
+    assert quick.model.name == "SmolLM2-135M-Instruct-Q4_1" and quick.task.name == "toy_rerank"
+    assert quick.trainer.max_steps == 25 and quick.task.eval.max_queries == 5
+    assert {b.max_samples for b in quick.eval.benchmarks.values()} == {64}
+    assert quick.loki.positions is None and quick.loki.use_shipped  # the shipped positions stand in for the store
 
 
 def test_lr_multiplier_is_piecewise_linear_in_q():

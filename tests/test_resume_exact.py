@@ -41,7 +41,7 @@ def settings(tmp_path: Path, steps: int, every: int) -> list[str]:
         "task.data.val_path=null", "task.data.batch_size=2", f"trainer.max_steps={steps}", "trainer.max_epochs=10",
         f"checkpoint_every_n_steps={every}", "evaluate.retention=false", "evaluate.task=false", "evaluate.task_val=false",
         "evaluate.validation_task_metric=false", "logger=none", "loki.strategy=random", "loki.q=0.25",
-        f"paths.cache_dir={tmp_path / 'cache'}", "+trainer.enable_progress_bar=false",
+        f"paths.cache_dir={tmp_path / 'cache'}", "trainer.enable_progress_bar=false",
     ]
 
 

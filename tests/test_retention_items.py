@@ -16,11 +16,11 @@ def _cfg(text_file: str) -> dict:
     return {
         "batch_size": 3,  # 3 does not divide the 8 fixture rows: the last batch is short and reordered
         "benchmarks": {
-            "letter": {"path": MMLU, "mode": "letter", "per_subject": None},
-            "cloze": {"path": MMLU, "mode": "cloze", "per_subject": None, "max_samples": 4},
+            "letter": {"path": MMLU, "mode": "letter", "offset": 0, "per_subject": None},
+            "cloze": {"path": MMLU, "mode": "cloze", "offset": 0, "per_subject": None, "max_samples": 4},
             "kl": {"path": MMLU, "mode": "kl", "offset": 2, "per_subject": None, "prompt": "letter", "positions": "all", "top_k": 16},
             "loss": {"mode": "lm_loss", "text_file": text_file},
-            "qa": {"mode": "lm_loss", "path": MMLU, "per_subject": None},
+            "qa": {"mode": "lm_loss", "path": MMLU, "offset": 0, "per_subject": None, "chat_template": False},
         },
     }
 
@@ -69,7 +69,7 @@ def test_multiple_choice_items_reproduce_acc_and_logprob(measured):
         assert sum(r["correct"] for r in rows) / len(rows) == after[f"retention/{name}/acc"]
         assert sum(r["logprob"] for r in rows) / len(rows) == pytest.approx(after[f"retention/{name}/logprob"], rel=1e-12)
         assert sum(math.exp(r["logprob"]) for r in rows) / len(rows) == pytest.approx(after[f"retention/{name}/prob"], rel=1e-12)
-    fixture_ids = [r["id"] for r in load_rows({"path": MMLU, "per_subject": None})]
+    fixture_ids = [r["id"] for r in load_rows({"path": MMLU, "offset": 0, "per_subject": None})]
     assert [r["id"] for r in items["letter"]] == fixture_ids  # the rows' own ids, in row order
 
 

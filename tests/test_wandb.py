@@ -42,8 +42,28 @@ def wandb_records(path: Path):
             yield record
 
 
-def wandb_run(run_dir: Path) -> dict:
-    """What one offline W&B run under <run dir>/wandb holds: id, name, group, config keys, logged keys, artifacts."""
+def wandb_run(run_dir: Path, wait_s: float = 30.0) -> dict:
+    """What one offline W&B run under <run dir>/wandb holds: id, name, group, config keys, logged keys, artifacts.
+
+    wandb's service process writes the `.wandb` file; on a loaded machine its last records can land a moment
+    after `wandb.finish()` returns, so the file is read again until it holds the run's exit record (or
+    `wait_s` passes, and the caller's assertions then say what is missing)."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            out = _read_wandb_run(run_dir)
+        except Exception:  # a record still being written does not parse yet
+            if time.monotonic() > deadline:
+                raise
+            out = {"exit": None}
+        if out["exit"] is not None or time.monotonic() > deadline:
+            return out
+        time.sleep(0.5)
+
+
+def _read_wandb_run(run_dir: Path) -> dict:
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, f"expected one W&B run in {run_dir}, found {runs}"
     (file,) = runs[0].glob("*.wandb")

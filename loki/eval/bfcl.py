@@ -256,7 +256,7 @@ def leaderboard_aggregates(acc: Mapping[str, float], counts: Mapping[str, int]) 
     return out
 
 
-def evaluate_bfcl(model, tokenizer, cfg: Mapping[str, Any], stage: str = "test") -> dict[str, float]:
+def evaluate_bfcl(model, tokenizer, cfg: Any, stage: str = "test") -> dict[str, float]:
     """Per-category accuracy (`bfcl/<category>/acc`), the leaderboard's summary columns
     (`leaderboard_aggregates`: `bfcl/non_live/acc`, `bfcl/live/acc`, `bfcl/hallucination/irrelevance_acc`,
     `bfcl/hallucination/relevance_acc`, `bfcl/overall/acc`), the unweighted mean of the five categories this project
@@ -264,22 +264,24 @@ def evaluate_bfcl(model, tokenizer, cfg: Mapping[str, Any], stage: str = "test")
     (`bfcl/overall/acc_micro`). Categories: `categories` (default: every AST category, `AST_CATEGORIES`).
 
     `stage="val"` caps each category at `val_max_samples` instead of `max_samples`."""
-    get = cfg.get
-    categories = list(get("categories") or AST_CATEGORIES)
-    per_category = get("val_max_samples") if stage == "val" else get("max_samples")
+    from loki.tasks import settings_of
+
+    cfg = settings_of("bfcl", cfg)
+    categories = list(cfg.categories or AST_CATEGORIES)
+    per_category = cfg.val_max_samples if stage == "val" else cfg.max_samples
     metrics: dict[str, float] = {}
     acc: dict[str, float] = {}
     counts: dict[str, int] = {}
     correct_total = count_total = 0
     for category in categories:
-        entries, answers = load_category(category, get("data_dir"), per_category)
+        entries, answers = load_category(category, cfg.data_dir, per_category)
         responses = generate_responses(
             model,
             tokenizer,
             [entry_messages(e) for e in entries],
-            int(get("max_new_tokens", 256)),
-            int(get("batch_size", 4)),
-            int(get("max_length", 4096)),
+            int(cfg.max_new_tokens),
+            int(cfg.batch_size),
+            int(cfg.max_length),
         )
         verdicts = [
             check_response(e, r, answers[i] if answers is not None else None, category)
@@ -291,7 +293,7 @@ def evaluate_bfcl(model, tokenizer, cfg: Mapping[str, Any], stage: str = "test")
         acc[name], counts[name] = correct / len(verdicts), len(verdicts)
         correct_total += correct
         count_total += len(verdicts)
-        if get("log_responses", False):
+        if cfg.log_responses:
             for e, r, v in zip(entries, responses, verdicts):
                 log.info("bfcl %s: %s -> %s", e["id"], json.dumps(r), v)
     metrics.update(leaderboard_aggregates(acc, counts))

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from loki.errors import LokiError
+from loki.schema import LmEvalConfig, build, plain
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +50,23 @@ HEADLINE = {
 }
 
 
-def _tasks(lm_eval_cfg: Mapping[str, Any] | None) -> list[str]:
-    return [str(t) for t in ((lm_eval_cfg or {}).get("tasks") or [])]
+def lm_eval_settings(lm_eval_cfg: LmEvalConfig | Mapping[str, Any] | None) -> LmEvalConfig:
+    """`eval.lm_eval` typed and checked (a mapping gets the schema's defaults: loki.schema)."""
+    if isinstance(lm_eval_cfg, LmEvalConfig):
+        return lm_eval_cfg
+    return build(LmEvalConfig, plain(lm_eval_cfg or {}), "eval.lm_eval")
 
 
-def require_lm_eval(lm_eval_cfg: Mapping[str, Any] | None) -> None:
+def _tasks(settings: LmEvalConfig) -> list[str]:
+    return [str(t) for t in settings.tasks or []]
+
+
+def require_lm_eval(lm_eval_cfg: LmEvalConfig | Mapping[str, Any] | None) -> None:
     """LokiError (one sentence) when `eval.lm_eval.tasks` is set but lm-eval, or a Python module one of the
     chosen tasks imports (IFEval: langdetect, immutabledict, nltk), cannot be imported: call it with the other
     config checks, before any model is loaded, so a missing module does not surface after training."""
-    tasks = _tasks(lm_eval_cfg)
+    settings = lm_eval_settings(lm_eval_cfg)
+    tasks = _tasks(settings)
     if not tasks:
         return
     try:
@@ -68,7 +77,7 @@ def require_lm_eval(lm_eval_cfg: Mapping[str, Any] | None) -> None:
             f"eval.lm_eval.tasks={tasks} needs lm-evaluation-harness, which is not installed: run {INSTALL_HINT} "
             "(or set eval.lm_eval.tasks=[])."
         ) from None
-    include = _include_dirs((lm_eval_cfg or {}).get("include_path"))
+    include = _include_dirs(settings.include_path)
     for task in tasks:
         for module in task_modules(task, include):
             try:
@@ -348,45 +357,44 @@ def flatten_results(results: Mapping[str, Mapping[str, Any]], headline: Mapping[
     return out
 
 
-def run_lm_harness(model, tokenizer, lm_eval_cfg: Mapping[str, Any] | None) -> dict[str, float]:
+def run_lm_harness(model, tokenizer, lm_eval_cfg: LmEvalConfig | Mapping[str, Any] | None) -> dict[str, float]:
     """The `eval.lm_eval.tasks` on the in-memory model; {} when no task is named."""
-    tasks = _tasks(lm_eval_cfg)
+    settings = lm_eval_settings(lm_eval_cfg)
+    tasks = _tasks(settings)
     if not tasks:
         return {}
-    require_lm_eval(lm_eval_cfg)
+    require_lm_eval(settings)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    get = lm_eval_cfg.get  # type: ignore[union-attr]
-    unsafe = bool(get("confirm_run_unsafe_code", False))
+    unsafe = bool(settings.confirm_run_unsafe_code)
     if unsafe:
         os.environ.setdefault("HF_ALLOW_CODE_EVAL", "1")  # the `code_eval` metric (HumanEval) refuses without it
-    lm_kwargs: dict[str, Any] = {"batch_size": int(get("batch_size", 8))}
-    if get("max_length"):
-        lm_kwargs["max_length"] = int(get("max_length"))
+    lm_kwargs: dict[str, Any] = {"batch_size": int(settings.batch_size)}
+    if settings.max_length:
+        lm_kwargs["max_length"] = int(settings.max_length)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, **lm_kwargs)
-    include = get("include_path")
+    include = settings.include_path
     if include and not isinstance(include, str):
         include = [str(p) for p in include]  # a list (or an OmegaConf ListConfig) of task dirs
     task_manager = TaskManager(include_path=include or None)
-    gen_kwargs = get("gen_kwargs")
-    limit = get("limit")
+    limit = settings.limit
     output = lm_eval.simple_evaluate(
         model=lm,
         tasks=tasks,
-        num_fewshot=get("num_fewshot"),
+        num_fewshot=settings.num_fewshot,
         limit=float(limit) if isinstance(limit, float) else limit,
-        apply_chat_template=bool(get("apply_chat_template", False)),
-        fewshot_as_multiturn=bool(get("fewshot_as_multiturn", False)),
-        gen_kwargs=dict(gen_kwargs) if gen_kwargs else None,
-        bootstrap_iters=int(get("bootstrap_iters", 0) or 0),
+        apply_chat_template=bool(settings.apply_chat_template),
+        fewshot_as_multiturn=bool(settings.fewshot_as_multiturn),
+        gen_kwargs=dict(settings.gen_kwargs) if settings.gen_kwargs else None,
+        bootstrap_iters=int(settings.bootstrap_iters),
         log_samples=False,
         task_manager=task_manager,
         confirm_run_unsafe_code=unsafe,
-        random_seed=int(get("seed", 0) or 0),
+        random_seed=int(settings.seed),
     )
     if output is None:  # not rank 0 of a distributed lm-eval run
         return {}
-    headline = get("headline")
+    headline = settings.headline
     return flatten_results(output["results"], dict(headline) if headline else None)

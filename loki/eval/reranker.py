@@ -182,11 +182,12 @@ def _doc_text(doc: Mapping[str, str], use_title: bool) -> str:
 NOT_COMPARABLE_KEY = "candidates_judged_not_comparable"
 
 
-def evaluate_reranker(model, tokenizer, cfg: Mapping[str, Any], stage: str = "test") -> dict[str, float]:
+def evaluate_reranker(model, tokenizer, cfg: Any, stage: str = "test") -> dict[str, float]:
     """Score the candidates of every query of each BEIR set and return the ranking metrics (+ counts).
 
     Sets: `path` (one local BEIR directory) if given, else `sets` (a list of names, hub repos or local
     directories; see `loki.data.beir.resolve_set`, with `data_dir` for local copies), else `source`.
+    `cfg`: `task.eval` (loki.tasks.reranker.Config, or a mapping that gets its defaults).
     Keys: the unprefixed metrics (`ndcg@10`, ...) are the unweighted mean over the sets (for one set, its
     own values); with several sets `<set>/<metric>` gives each set, and `<set>/num_queries`,
     `<set>/num_pairs` its counts; `num_queries` / `num_pairs` are totals. `candidates=judged` adds
@@ -194,30 +195,31 @@ def evaluate_reranker(model, tokenizer, cfg: Mapping[str, Any], stage: str = "te
 
     `stage="val"` reads `val_sets` / `val_split` / `val_max_queries` instead of `sets` / `split` / `max_queries`."""
     from loki.data.beir import LB_EVAL_SETS, load_beir
+    from loki.tasks import settings_of
 
-    get = cfg.get
+    cfg = settings_of("reranker", cfg)
     val = stage == "val"
-    split = (get("val_split") or get("split", "test")) if val else get("split", "test")
+    split = (cfg.val_split or cfg.split) if val else cfg.split
     sets: list[str | None]
-    if get("path"):
+    if cfg.path:
         sets = [None]
     else:
-        chosen = (get("val_sets") or get("sets")) if val else get("sets")
-        sets = list(chosen) if chosen else ([None] if get("source") else list(LB_EVAL_SETS))
-    candidates = str(get("candidates", "bm25"))
+        chosen = (cfg.val_sets or cfg.sets) if val else cfg.sets
+        sets = list(chosen) if chosen else ([None] if cfg.source else list(LB_EVAL_SETS))
+    candidates = str(cfg.candidates)
     per_set: dict[str, dict[str, float]] = {}
     for name in sets:
         beir = load_beir(
-            path=get("path") if name is None else None,
-            source=get("source") if name is None else None,
+            path=cfg.path if name is None else None,
+            source=cfg.source if name is None else None,
             name=name,
-            data_dir=get("data_dir"),
+            data_dir=cfg.data_dir,
             split=split,
-            max_queries=get("val_max_queries") if val else get("max_queries"),
+            max_queries=cfg.val_max_queries if val else cfg.max_queries,
             candidates=candidates,
-            num_negatives=int(get("num_negatives", 0) or 0),
-            top_n=get("top_n"),
-            seed=int(get("seed", 0) or 0),
+            num_negatives=int(cfg.num_negatives),
+            top_n=cfg.top_n,
+            seed=int(cfg.seed),
         )
         per_set[_unique(beir.name or "beir", per_set)] = _evaluate_set(model, tokenizer, beir, cfg)
     metric_keys = [k for k in next(iter(per_set.values())) if k not in ("num_queries", "num_pairs")]
@@ -240,17 +242,14 @@ def _unique(name: str, taken: Mapping[str, Any]) -> str:
     return out
 
 
-def _evaluate_set(model, tokenizer, beir, cfg: Mapping[str, Any]) -> dict[str, float]:
-    get = cfg.get
-    use_title = bool(get("use_title", True))
+def _evaluate_set(model, tokenizer, beir, cfg: Any) -> dict[str, float]:
     keys = [(q, d) for q, docs in beir.candidates.items() for d in docs]
-    pairs = [(beir.queries[q], _doc_text(beir.corpus[d], use_title)) for q, d in keys]
-    score = check_score(get("score") or "expected")  # a task config without the key keeps the old expectation
-    values = score_pairs(model, tokenizer, pairs, int(get("batch_size", 8)), int(get("max_length", 1024)), score)
+    pairs = [(beir.queries[q], _doc_text(beir.corpus[d], bool(cfg.use_title))) for q, d in keys]
+    values = score_pairs(model, tokenizer, pairs, int(cfg.batch_size), int(cfg.max_length), check_score(cfg.score))
     scores: dict[str, dict[str, float]] = {q: {} for q in beir.queries}
     for (q, d), value in zip(keys, values.tolist()):
         scores[q][d] = value
-    metrics = retrieval_metrics(scores, beir.qrels, tuple(get("ks", (1, 10))))
+    metrics = retrieval_metrics(scores, beir.qrels, tuple(int(k) for k in cfg.ks))
     metrics["num_queries"] = float(len(beir.queries))
     metrics["num_pairs"] = float(len(pairs))
     return metrics

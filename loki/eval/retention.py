@@ -67,9 +67,10 @@ from loki.device import model_device, pad_batch, pad_token_id
 from loki.errors import LokiError
 from loki.prompts import cloze_context
 
+from loki.schema import BenchmarkConfig, RetentionConfig, build, plain, validate_retention
+
 log = logging.getLogger(__name__)
 
-from loki.schema import BENCHMARK_MODES as MODES  # noqa: E402  the one list of modes (the schema checks it)
 STAGES = (None, "before", "after")
 KL_FORMAT = "loki-retention-kl-v1"
 _WARNED: set[str] = set()
@@ -302,32 +303,29 @@ def read_text_file(path: str | Path) -> list[str]:
     return docs
 
 
-def _sequences(tokenizer, name: str, bench: Mapping[str, Any], default_prompt: str) -> list[list[int]]:
+def _sequences(tokenizer, name: str, bench: BenchmarkConfig | Mapping[str, Any], default_prompt: str) -> list[list[int]]:
     """Token ids of the prompts (`kl`) or texts (`lm_loss`) a benchmark measures."""
-    get = bench.get
-    max_length = int(get("max_length", 512) or 0)
-    if get("text_file"):
-        docs = read_text_file(get("text_file"))
-        max_samples = get("max_samples")
-        if max_samples is not None and 0 <= int(max_samples) < len(docs):
+    bench = benchmark_settings(bench, name)
+    max_length = int(bench.max_length or 0)
+    if bench.text_file:
+        docs = read_text_file(bench.text_file)
+        if bench.max_samples is not None and 0 <= int(bench.max_samples) < len(docs):
             import random
 
-            keep = sorted(random.Random(int(get("seed", 0) or 0)).sample(range(len(docs)), int(max_samples)))
+            keep = sorted(random.Random(int(bench.seed)).sample(range(len(docs)), int(bench.max_samples)))
             docs = [docs[i] for i in keep]
         seqs = [_encode(tokenizer, d, special=True) for d in docs]
     else:
         examples = load_rows(bench)
-        prompt = get("prompt") or default_prompt  # null: the mode's own (kl: letter, lm_loss: text)
+        prompt = bench.prompt or default_prompt  # null: the mode's own (kl: letter, lm_loss: text)
         if prompt == "letter":
             from loki.data.mmlu import mc_prompt_ids
 
             seqs = [mc_prompt_ids(tokenizer, ex) for ex in examples]
         elif prompt == "cloze":
-            seqs = [_encode(tokenizer, cloze_context(tokenizer, ex, bool(get("chat_template", True)))[0]) for ex in examples]
-        elif prompt == "text":
-            seqs = [qa_ids(tokenizer, ex, bool(get("chat_template", False))) for ex in examples]
-        else:
-            raise LokiError(f"eval.benchmarks.{name}.prompt must be 'letter', 'cloze' or 'text', got {prompt!r}.")
+            seqs = [_encode(tokenizer, cloze_context(tokenizer, ex, bool(bench.chat_template))[0]) for ex in examples]
+        else:  # text (the schema allows only these three)
+            seqs = [qa_ids(tokenizer, ex, bool(bench.chat_template)) for ex in examples]
     if max_length > 0:
         seqs = [s[:max_length] for s in seqs]
     return seqs
@@ -397,14 +395,8 @@ def reference_path(reference_dir: str | Path, name: str) -> Path:
     return Path(reference_dir) / f"{name.replace('/', '__')}.kl.pt"
 
 
-def _kl_settings(name: str, bench: Mapping[str, Any]) -> tuple[str, int | None]:
-    positions = bench.get("positions", "last")
-    if positions not in ("last", "all"):
-        raise LokiError(f"eval.benchmarks.{name}.positions must be 'last' or 'all', got {positions!r}.")
-    top_k = bench.get("top_k", 256)
-    if top_k is not None and int(top_k) < 1:
-        raise LokiError(f"eval.benchmarks.{name}.top_k must be a positive int or null (the full distribution), got {top_k!r}.")
-    return positions, (int(top_k) if top_k is not None else None)
+def _kl_settings(bench: BenchmarkConfig) -> tuple[str, int | None]:
+    return bench.positions, (int(bench.top_k) if bench.top_k is not None else None)
 
 
 def write_kl_reference(
@@ -506,20 +498,34 @@ def score_kl(
 # ------------------------------------------------------------------------------------ benchmarks
 
 
-def load_rows(bench: Mapping[str, Any]) -> list[dict]:
+def benchmark_settings(bench: BenchmarkConfig | Mapping[str, Any], name: str = "") -> BenchmarkConfig:
+    """One benchmark's settings, typed and checked (a mapping gets the schema's defaults: loki.schema)."""
+    if isinstance(bench, BenchmarkConfig):
+        return bench
+    return build(BenchmarkConfig, plain(bench), f"eval.benchmarks.{name}" if name else "eval.benchmarks")
+
+
+def retention_settings(retention_cfg: RetentionConfig | Mapping[str, Any]) -> RetentionConfig:
+    """`eval` typed and checked (a mapping gets the schema's defaults: loki.schema)."""
+    if isinstance(retention_cfg, RetentionConfig):
+        return retention_cfg
+    return validate_retention(plain(retention_cfg))
+
+
+def load_rows(bench: BenchmarkConfig | Mapping[str, Any]) -> list[dict]:
     """The MMLU-schema rows a benchmark reads (held out from attribution by `offset`)."""
     from loki.data.mmlu import load_mmlu
 
-    get = bench.get
+    bench = benchmark_settings(bench)
     return load_mmlu(
-        source=get("source", "cais/mmlu"),
-        path=get("path") or None,
-        split=get("split", "test"),
-        subjects=get("subjects"),
-        per_subject=get("per_subject", 50),
-        max_samples=get("max_samples"),
-        seed=int(get("seed", 0) or 0),
-        offset=int(get("offset", 0) or 0),
+        source=bench.source,
+        path=bench.path or None,
+        split=bench.split,
+        subjects=bench.subjects,
+        per_subject=bench.per_subject,
+        max_samples=bench.max_samples,
+        seed=int(bench.seed),
+        offset=int(bench.offset),
     )
 
 
@@ -527,7 +533,7 @@ def run_benchmark(
     model,
     tokenizer,
     name: str,
-    bench: Mapping[str, Any],
+    bench: BenchmarkConfig | Mapping[str, Any],
     batch_size: int = 8,
     reference_dir: str | Path | None = None,
     stage: str | None = None,
@@ -540,8 +546,8 @@ def run_benchmark(
     With `items` (a dict), `items[name]` is set to the per-prompt (per-text) values behind the aggregate:
     letter/cloze {"id", "correct", "logprob"} per row; kl {"kl"} per prompt (0.0 for stage "before");
     lm_loss {"nll", "tokens"} per scored text. A skipped `kl` benchmark sets nothing."""
-    get = bench.get
-    mode = get("mode", "letter")
+    bench = benchmark_settings(bench, name)
+    mode = bench.mode
     rows: list | None = [] if items is not None else None
     if mode == "letter":
         examples = load_rows(bench)
@@ -549,12 +555,12 @@ def run_benchmark(
         scores["n"] = float(len(examples))
     elif mode == "cloze":
         examples = load_rows(bench)
-        scores = score_cloze(model, tokenizer, examples, batch_size, bool(get("chat_template", True)), items=rows)
+        scores = score_cloze(model, tokenizer, examples, batch_size, bool(bench.chat_template), items=rows)
         scores["n"] = float(len(examples))
     elif mode == "lm_loss":
         scores = score_lm_loss(model, tokenizer, _sequences(tokenizer, name, bench, "text"), batch_size, items=rows)
-    elif mode == "kl":
-        positions, top_k = _kl_settings(name, bench)
+    else:  # kl (the schema allows only these four)
+        positions, top_k = _kl_settings(bench)
         if stage is None or reference_dir is None:
             if name not in _WARNED:  # once per process: sweeps call run_retention many times
                 _WARNED.add(name)
@@ -573,23 +579,20 @@ def run_benchmark(
         else:
             state = read_kl_reference(path, name, sequences, positions, top_k)
             scores = score_kl(model, sequences, state, pad, batch_size, items=rows, nll=nll)
-    else:
-        raise LokiError(f"eval.benchmarks.{name}.mode must be one of {', '.join(MODES)}; got {mode!r}.")
     if items is not None:
         items[name] = rows
     return {f"retention/{name}/{measure}": value for measure, value in scores.items()}
 
 
-def _lm_loss_carried_by_kl(tokenizer, enabled: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, str]:
+def _lm_loss_carried_by_kl(tokenizer, enabled: Sequence[tuple[str, BenchmarkConfig]]) -> dict[str, str]:
     """lm_loss benchmark -> an earlier kl benchmark at every position over exactly the same token
     sequences: the KL pass gives the LM loss too, so those texts run through the model once, not twice."""
     carried: dict[str, str] = {}
     kl_benches: list[tuple[str, list]] = []
     for name, bench in enabled:
-        mode = bench.get("mode", "letter")
-        if mode == "kl" and bench.get("positions", "last") == "all":
+        if bench.mode == "kl" and bench.positions == "all":
             kl_benches.append((name, _sequences(tokenizer, name, bench, "letter")))
-        elif mode == "lm_loss" and kl_benches:
+        elif bench.mode == "lm_loss" and kl_benches:
             sequences = _sequences(tokenizer, name, bench, "text")
             match = next((kl for kl, seqs in kl_benches if seqs == sequences and kl not in carried.values()), None)
             if match is not None:
@@ -597,17 +600,13 @@ def _lm_loss_carried_by_kl(tokenizer, enabled: Sequence[tuple[str, Mapping[str, 
     return carried
 
 
-def _enabled(retention_cfg: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
-    return [
-        (name, bench)
-        for name, bench in (retention_cfg.get("benchmarks") or {}).items()
-        if bench is not None and bench.get("enabled", True)
-    ]
+def _enabled(retention_cfg: RetentionConfig | Mapping[str, Any]) -> list[tuple[str, BenchmarkConfig]]:
+    return [(name, bench) for name, bench in retention_settings(retention_cfg).benchmarks.items() if bench.enabled]
 
 
 def kl_benchmarks(retention_cfg: Mapping[str, Any]) -> list[str]:
     """Names of the enabled `kl` benchmarks: those that need a base-model reference."""
-    return [name for name, bench in _enabled(retention_cfg) if bench.get("mode", "letter") == "kl"]
+    return [name for name, bench in _enabled(retention_cfg) if bench.mode == "kl"]
 
 
 def reference_ready(retention_cfg: Mapping[str, Any], reference_dir: str | Path | None) -> bool:
@@ -641,8 +640,9 @@ def run_retention(
     model.eval()
     try:
         out: dict[str, float] = {}
-        batch_size = int(retention_cfg.get("batch_size", 8))
-        enabled = _enabled(retention_cfg)
+        settings = retention_settings(retention_cfg)
+        batch_size = int(settings.batch_size)
+        enabled = _enabled(settings)
         carried = _lm_loss_carried_by_kl(tokenizer, enabled) if stage is not None and reference_dir is not None else {}
         sinks: dict[str, list] = {}
         for name, bench in enabled:
@@ -659,7 +659,7 @@ def run_retention(
             out.update(run_benchmark(model, tokenizer, name, bench, batch_size, reference_dir, stage, items=items, nll=sink))
         from loki.eval.lm_harness import run_lm_harness
 
-        out.update(run_lm_harness(model, tokenizer, retention_cfg.get("lm_eval")))
+        out.update(run_lm_harness(model, tokenizer, settings.lm_eval))
         return out
     finally:
         if was_training:
@@ -677,18 +677,17 @@ def _rows_text(offset: int, per_subject: int | None) -> str:
     return f"rows {offset}-{offset + per_subject - 1}" if per_subject else f"rows {offset} onwards"
 
 
-def _selection(cfg: Mapping[str, Any]) -> tuple[tuple[str, str], str, set[str] | None, int, int | None]:
-    """(dataset identity, split, subjects or None = all, offset, per_subject or None = to the end)."""
+def _selection(settings: BenchmarkConfig | Mapping[str, Any]) -> tuple[tuple[str, str], str, set[str] | None, int, int | None]:
+    """(dataset identity, split, subjects or None = all, offset, per_subject or None = to the end) of a
+    benchmark, or of the attribution prompts (`cfg.data`, resolved: every key is there)."""
     from loki.data.chat import resolve_path
 
-    path = cfg.get("path")
-    source = str(cfg.get("source", "cais/mmlu"))
-    source = SAME_DATA.get(source, source)
+    read = settings.__getitem__ if isinstance(settings, Mapping) else lambda key: getattr(settings, key)
+    path, source = read("path"), SAME_DATA.get(str(read("source")), str(read("source")))
     identity = ("path", str(resolve_path(path).resolve())) if path else ("source", source)
-    subjects = cfg.get("subjects")
-    per_subject = cfg.get("per_subject", 50)
+    subjects, per_subject = read("subjects"), read("per_subject")
     per_subject = int(per_subject) if per_subject is not None and int(per_subject) > 0 else None
-    return identity, str(cfg.get("split", "test")), (set(subjects) if subjects else None), int(cfg.get("offset", 0) or 0), per_subject
+    return identity, str(read("split")), (set(subjects) if subjects else None), int(read("offset") or 0), per_subject
 
 
 def check_disjoint(attribution_data: Mapping[str, Any], retention_cfg: Mapping[str, Any]) -> None:
@@ -699,7 +698,7 @@ def check_disjoint(attribution_data: Mapping[str, Any], retention_cfg: Mapping[s
     """
     a_id, a_split, a_subjects, a_off, a_per = _selection(attribution_data)
     for name, bench in _enabled(retention_cfg):
-        if bench.get("text_file") and bench.get("mode") in ("kl", "lm_loss"):
+        if bench.text_file and bench.mode in ("kl", "lm_loss"):
             continue
         b_id, b_split, b_subjects, b_off, b_per = _selection(bench)
         if b_id != a_id or b_split != a_split:

@@ -9,7 +9,7 @@ trainable is what trains.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from loki.errors import LokiError
+from loki.schema import LrScheduleConfig
 
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -50,13 +51,15 @@ class CausalLMModule(pl.LightningModule):
         self,
         model: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
-        lr_schedule: dict[str, Any] | None = None,
+        lr_schedule: LrScheduleConfig | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.optimizer_factory = optimizer  # a partial from hydra (`_partial_: true`): takes the params
-        self.lr_schedule = dict(lr_schedule or {"kind": "constant", "warmup_ratio": 0.0})
-        warmup_decay_lambda(0, 1, self.lr_schedule.get("kind", "constant"))  # a bad kind fails at construction
+        if lr_schedule is None:  # no schedule given: the optimizer's lr throughout
+            lr_schedule = LrScheduleConfig(kind="constant", warmup_ratio=0.0)
+        self.lr_schedule = lr_schedule if isinstance(lr_schedule, LrScheduleConfig) else LrScheduleConfig(**lr_schedule)
+        warmup_decay_lambda(0, 1, self.lr_schedule.kind)  # a bad kind fails at construction
 
     def on_fit_start(self) -> None:
         # from_pretrained returns eval mode, retention "before" may leave it so, and Lightning keeps module
@@ -87,11 +90,11 @@ class CausalLMModule(pl.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
-        kind = self.lr_schedule.get("kind", "constant")
-        if kind == "constant" and not self.lr_schedule.get("warmup_ratio"):
+        kind = self.lr_schedule.kind
+        if kind == "constant" and not self.lr_schedule.warmup_ratio:
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)
-        warmup = int(round(float(self.lr_schedule.get("warmup_ratio", 0.0)) * total))
-        factor = warmup_decay_lambda(warmup, total, kind, float(self.lr_schedule.get("min_ratio", 0.0)))
+        warmup = int(round(float(self.lr_schedule.warmup_ratio) * total))
+        factor = warmup_decay_lambda(warmup, total, kind, float(self.lr_schedule.min_ratio))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -61,6 +61,15 @@ def eval_config(task_eval: Mapping[str, Any], where: str = "task.eval") -> TaskE
     return config
 
 
+def settings_of(kind: str, task_eval: Mapping[str, Any] | TaskEvalConfig) -> TaskEvalConfig:
+    """`task.eval` of a `kind` task typed and checked: a mapping (or DictConfig) gets the kind's defaults."""
+    if isinstance(task_eval, schema_of(kind)):
+        return task_eval
+    from loki.schema import plain
+
+    return eval_config({"kind": kind, **plain(task_eval)})
+
+
 def evaluator_for(task_eval: Mapping[str, Any] | TaskEvalConfig, where: str = "task.eval") -> TaskEvaluator:
     """The evaluator of a `task.eval` block (a mapping or an already checked `Config`)."""
     config = task_eval if isinstance(task_eval, TaskEvalConfig) else eval_config(task_eval, where)

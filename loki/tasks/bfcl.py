@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,4 +52,4 @@ class Evaluator(TaskEvaluator):
     def evaluate(self, model, tokenizer, stage: str = "test", items: list | None = None) -> dict[str, float]:
         from loki.eval.bfcl import evaluate_bfcl
 
-        return evaluate_bfcl(model, tokenizer, dataclasses.asdict(self.config), stage)
+        return evaluate_bfcl(model, tokenizer, self.config, stage)

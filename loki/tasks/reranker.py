@@ -3,7 +3,6 @@ report BEIR's metrics (`loki.eval.reranker`)."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,4 +73,4 @@ class Evaluator(TaskEvaluator):
     def evaluate(self, model, tokenizer, stage: str = "test", items: list | None = None) -> dict[str, float]:
         from loki.eval.reranker import evaluate_reranker
 
-        return evaluate_reranker(model, tokenizer, dataclasses.asdict(self.config), stage)
+        return evaluate_reranker(model, tokenizer, self.config, stage)

@@ -35,6 +35,15 @@ def expected_random_ndcg(candidates: Mapping[str, Sequence[str]], qrels: Mapping
     return total / len(judged)
 
 
+def _reranker_settings(eval_cfg: Any) -> Any:
+    """`task.eval` of a reranker task (a mapping or a DictConfig; missing keys take the schema's defaults),
+    typed and checked (loki.tasks.reranker.Config)."""
+    from loki.schema import plain
+    from loki.tasks import eval_config
+
+    return eval_config({"kind": "reranker", **plain(eval_cfg)})
+
+
 def random_ranking_metrics(eval_cfg: Mapping[str, Any], shuffles: int = 200, seed: int = 0) -> dict[str, float]:
     """Every metric of a reranker evaluation (`task.eval`, one local BEIR set) under random candidate orders.
 
@@ -43,17 +52,18 @@ def random_ranking_metrics(eval_cfg: Mapping[str, Any], shuffles: int = 200, see
     from loki.data.beir import load_beir
     from loki.eval.reranker import retrieval_metrics
 
+    settings = _reranker_settings(eval_cfg)
     beir = load_beir(
-        path=eval_cfg.get("path"),
-        source=eval_cfg.get("source"),
-        split=eval_cfg.get("split", "test"),
-        max_queries=eval_cfg.get("max_queries"),
-        candidates=str(eval_cfg.get("candidates", "bm25")),
-        num_negatives=int(eval_cfg.get("num_negatives", 0) or 0),
-        top_n=eval_cfg.get("top_n"),
-        seed=int(eval_cfg.get("seed", 0) or 0),
+        path=settings.path,
+        source=settings.source,
+        split=settings.split,
+        max_queries=settings.max_queries,
+        candidates=str(settings.candidates),
+        num_negatives=int(settings.num_negatives),
+        top_n=settings.top_n,
+        seed=int(settings.seed),
     )
-    ks = tuple(int(k) for k in eval_cfg.get("ks", (1, 10)))
+    ks = tuple(int(k) for k in settings.ks)
     rng = random.Random(seed)
     sums: dict[str, float] = {}
     for _ in range(shuffles):

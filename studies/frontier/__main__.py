@@ -9,6 +9,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from loki import schema
+
+schema.register()  # the typed group schemas (paths/_schema ...), in Hydra's ConfigStore before the config is composed
+
 
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[2] / "conf"), config_name="frontier")
 def main(cfg: DictConfig) -> None:
