@@ -13,7 +13,8 @@ from loki.recipe import apply_lr_scale_with_q, lr_multiplier, published_position
 from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
-NEW_YAML = ["conf/experiment/paper_qwen0.5b_reranker.yaml", "conf/experiment/paper_llama8b_toolace.yaml", "conf/hydra/launcher/submitit_slurm.yaml"]
+NEW_YAML = ["conf/experiment/paper_qwen0.5b_reranker.yaml", "conf/experiment/paper_llama8b_toolace.yaml", "conf/hydra/launcher/submitit_slurm.yaml",
+            "conf/model_task/smollm135m_toy_rerank.yaml"]
 
 
 def _compose(*overrides: str):
@@ -55,11 +56,20 @@ def test_the_toolace_preset_sweeps_lora_and_lowers_the_rate_at_larger_q():
 def test_the_projects_own_presets_still_compose():
     assert compose_config("train", "experiment=qwen0.5b_reranker").loki.q == 0.05
     assert compose_config("train", "experiment=llama8b_toolace").loki.q == 0.1
-    quick = compose_config("train", "experiment=smollm135m_quickstart")
+
+
+def test_smollm135m_on_the_toy_reranker_is_sized_for_a_cpu_unless_the_pair_config_is_dropped():
+    quick = compose_config("train", "model=smollm135m", "task=toy_rerank")  # conf/model_task/smollm135m_toy_rerank.yaml
     assert quick.model.name == "SmolLM2-135M-Instruct-Q4_1" and quick.task.name == "toy_rerank"
-    assert quick.trainer.max_steps == 25 and quick.task.eval.max_queries == 5
-    assert {b.max_samples for b in quick.eval.benchmarks.values()} == {64}
+    assert quick.trainer.max_steps == 25 and quick.trainer.max_epochs == -1 and quick.task.eval.max_queries == 5
+    assert {b.max_samples for b in quick.eval.benchmarks.values()} == {64} and quick.eval.batch_size == 1
     assert quick.loki.positions is None and quick.loki.use_shipped  # the shipped positions stand in for the store
+    assert compose_config("train", "model=smollm135m", "task=toy_rerank", "trainer.max_steps=40").trainer.max_steps == 40
+    whole = compose_config("train", "model=smollm135m", "task=toy_rerank", "~model_task")
+    assert whole.trainer.max_steps == -1 and whole.trainer.max_epochs == 1 and whole.task.eval.max_queries is None
+    assert {b.max_samples for b in whole.eval.benchmarks.values()} == {None}
+    for other in (("model=smollm135m", "task=toy_facts"), ("model=tiny", "task=toy_rerank")):  # no pair config: untouched
+        assert compose_config("train", *other).trainer.max_steps == -1
 
 
 def test_lr_multiplier_is_piecewise_linear_in_q():
