@@ -119,3 +119,64 @@ def test_every_shipped_frontier_validates_and_its_runs_compose(name):
         cfg = compose_train(train_overrides(frontier, method, key, Path("/tmp/unused")))
         assert cfg.optimizer.lr == method.lrs[0] and cfg.trainer.max_steps == frontier.steps
     assert len(design(frontier)) == sum(len(m.lrs) for m in frontier.methods) * len(frontier.seeds)
+
+
+def _point(method, lr, task, kl, seed=0, alpha=1.0):
+    return {"id": f"{method}__lr{lr:g}__seed{seed}__a{alpha:g}", "method": method, "lr": lr, "seed": seed, "alpha": alpha,
+            "task": task, "forgetting": {"kl": kl}}
+
+
+def test_front_runs_are_the_runs_the_matched_tables_read_at_each_level_and_its_slack():
+    from studies.frontier.run import FrontierConfig, front_runs, front_seed_design
+
+    frontier = FrontierConfig(name="t", seeds=[0], front_seeds=[1, 2], front_slack=0.1, levels=[0.5], measures=["kl"],
+                              interpolate_top=1, alphas=[0.5],
+                              methods=[{"name": "A", "overrides": [], "lrs": [1.0, 2.0, 3.0]},
+                                       {"name": "B", "overrides": [], "lrs": [1.0, 2.0]}])
+    points = [
+        {"id": "base", "method": "base", "lr": None, "seed": None, "alpha": 0.0, "task": 0.2, "forgetting": {"kl": 0.0}},
+        _point("A", 1.0, 0.30, 0.10), _point("A", 2.0, 0.55, 0.20), _point("A", 3.0, 0.70, 0.50),
+        _point("A", 3.0, 0.62, 0.25, alpha=0.5),  # the interpolation wins A's level 0.6, so its run (lr 3) is read
+        _point("B", 1.0, 0.45, 0.05), _point("B", 2.0, 0.80, 0.30),
+        _point("A", 1.0, 0.90, 0.00, seed=1),  # a second-pass point: not read when choosing the second pass
+    ]
+    # levels 0.4, 0.5, 0.6: A reads lr 2 (0.55, 0.2), lr 2, then lr 3's interpolation; B reads lr 1, lr 2, lr 2
+    assert front_runs(frontier, points) == [("A", 2.0), ("A", 3.0), ("B", 1.0), ("B", 2.0)]
+    frontier.front_slack = 0.0  # level 0.5 alone
+    assert front_runs(frontier, points) == [("A", 2.0), ("B", 2.0)]
+    second = [(k.method, k.lr, k.seed, a) for k, a in front_seed_design(frontier, points)]
+    assert second == [("A", 2.0, 1, ()), ("A", 2.0, 2, ()), ("B", 2.0, 1, (0.5,)), ("B", 2.0, 2, (0.5,))]
+
+
+def test_front_seeds_must_be_new_seeds():
+    from loki import checks
+
+    with pytest.raises(LokiError) as err, checks.located("frontier"):
+        _toy_frontier(seeds=[0, 1], front_seeds=[1, 2])
+    assert str(err.value).startswith("frontier.front_seeds must be a list of integer seeds, none of them in frontier.seeds")
+
+
+def test_the_runner_adds_the_front_seeds_pass_after_the_first_pass(tmp_path, monkeypatch):
+    """A frontier whose runs are stand-ins (a table of task and KL per run): the first pass, then seeds 1 and 2
+    of the runs the matched table reads, and points.jsonl holds both passes."""
+    from studies.frontier import run as frontier_run
+
+    table = {("loki-q0.1", 1e-2): (0.3, 0.1), ("loki-q0.1", 3e-2): (0.6, 0.4), ("full", 1e-3): (0.5, 0.2), ("full", 3e-3): (0.7, 0.3)}
+    made = []
+
+    def fake_unit(self, key, alphas):
+        made.append((key.method, key.lr, key.seed))
+        task, kl = table[(key.method, key.lr)]
+        for alpha in (1.0, *alphas):
+            self.write_point(dict(_point(key.method, key.lr, task * alpha, kl * alpha, key.seed, alpha), id=key.point_id(alpha)), {})
+
+    monkeypatch.setattr(frontier_run.Frontier, "run_unit", fake_unit)
+    monkeypatch.setattr(frontier_run.Frontier, "base", lambda self: {"task_metrics": {"acc": 0.2}, "primary": "acc",
+                                                                   "task_metrics_val": {}, "retention": {}})
+    frontier = _toy_frontier(front_seeds=[1, 2], levels=[0.55], measures=["kl"])
+    runner = frontier_run.Frontier(frontier, tmp_path / "f")
+    points = runner.run()
+    # level 0.55: loki reaches it with lr 3e-2 (0.6) or its 0.5 interpolation (0.3, no); full with lr 3e-3 (0.7)
+    # or its interpolation (0.35, no) and lr 1e-3 (0.5, no): so lr 3e-2 and 3e-3 get seeds 1 and 2
+    assert made[4:] == [("loki-q0.1", 3e-2, 1), ("loki-q0.1", 3e-2, 2), ("full", 3e-3, 1), ("full", 3e-3, 2)]
+    assert len(points) == 1 + 6 + 4 * 2  # the base, the first pass (4 runs, 2 interpolations), 4 runs with theirs

@@ -19,6 +19,10 @@ Outputs under `out` (see `studies.frontier.stats` for the item files' layout):
   `points.jsonl` (all of them); `items/<id>.json` and `items/base.json` (per-item results);
 - `runs/<method>/lr<lr>/seed<seed>/` (each run's dir: config.yaml, metrics.json);
 - `frontier.md` and `frontier.png`.
+With `front_seeds`, a second pass follows the first: once every first-pass point exists (each shard waits
+for the others), the runs that the matched tables read (`front_runs`: each method's least-forgetting point
+at each matched level and at level -+ `front_slack`) are run again at each of those seeds, interpolation
+points included. Every shard chooses the same runs from the same points.
 A point is reused only under the settings it was made with (its `settings` digest); otherwise the runner
 stops and names the point.
 """
@@ -72,7 +76,9 @@ class FrontierConfig:
     model: Any = "toy"             # train.py model=
     task: Any = "toy_facts"        # train.py task=
     steps: Any = 30                # optimizer steps of every run (trainer.max_steps): the equal budget
-    seeds: Any = field(default_factory=lambda: [0])  # seeds of every run
+    seeds: Any = field(default_factory=lambda: [0])  # seeds of every run (the first pass)
+    front_seeds: Any = field(default_factory=list)  # second pass: these seeds again for each run the matched tables read (`front_runs`)
+    front_slack: Any = 0.0         # ... at each matched level and at level +- this (task units): the runs near the reported fronts too
     methods: Any = field(default_factory=list)  # MethodSpec entries
     alphas: Any = field(default_factory=lambda: [0.25, 0.5, 0.75])  # interpolation points of a run (alpha = 1 is the run)
     interpolate_top: Any = 2       # each method's N largest LRs get interpolation points (0: none)
@@ -91,6 +97,10 @@ class FrontierConfig:
         checks.integer(k("steps"), self.steps, low=1)
         if not (isinstance(self.seeds, (list, tuple)) and self.seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds)):
             checks.fail(k("seeds"), "a non-empty list of integer seeds", self.seeds)
+        if not (isinstance(self.front_seeds, (list, tuple)) and all(isinstance(s, int) and not isinstance(s, bool) for s in self.front_seeds)
+                and not set(self.front_seeds) & set(self.seeds)):
+            checks.fail(k("front_seeds"), "a list of integer seeds, none of them in frontier.seeds", self.front_seeds)
+        checks.number(k("front_slack"), self.front_slack, 0.0, 1.0)
         if not isinstance(self.methods, (list, tuple)) or not self.methods:
             checks.fail(k("methods"), "a non-empty list of {name, overrides, lrs}", self.methods)
         methods = []
@@ -154,6 +164,39 @@ def design(frontier: FrontierConfig) -> list[tuple[RunKey, tuple[float, ...]]]:
                 alphas = tuple(frontier.alphas) if lr in top else ()
                 units.append((RunKey(method.name, float(lr), int(seed)), alphas))
     return units
+
+
+def front_runs(frontier: FrontierConfig, points: Sequence[Mapping[str, Any]], k: int = 4) -> list[tuple[str, float]]:
+    """The runs (method, lr) that the first pass puts where the report reads: for each forgetting measure
+    and each method, the run of its least-forgetting point (trained or interpolated) at or above each
+    matched level (`frontier.levels`, or the report's `k` common levels), and at each level -+
+    `front_slack`. In the design's order. These get `front_seeds` in the second pass."""
+    from studies.frontier import stats
+
+    first = [p for p in points if p.get("method") == stats.BASE or p.get("seed") in set(frontier.seeds)]
+    methods = stats.by_method(first)
+    levels = frontier.levels
+    if levels is None:
+        base = next((p for p in first if p.get("method") == stats.BASE), None)
+        levels = stats.common_levels(methods, k=k, base_task=None if base is None else stats.task_value(base))
+    slack = float(frontier.front_slack)
+    wanted = sorted({v for level in levels for v in ((level - slack, level, level + slack) if slack else (level,))})
+    chosen = set()
+    for measure in frontier.measures:
+        for method, method_points in methods.items():
+            for level in wanted:
+                point = stats.least_forgetting_point(method_points, level, measure)
+                if point is not None:
+                    chosen.add((method, float(point["lr"])))
+    return [(m.name, float(lr)) for m in frontier.methods for lr in m.lrs if (m.name, float(lr)) in chosen]
+
+
+def front_seed_design(frontier: FrontierConfig, points: Sequence[Mapping[str, Any]]) -> list[tuple[RunKey, tuple[float, ...]]]:
+    """The second pass: each `front_runs` run at each of `front_seeds`, with its interpolation points
+    where its LR is among its method's largest (as in the first pass)."""
+    alphas_of = {(key.method, key.lr): alphas for key, alphas in design(frontier)}
+    return [(RunKey(method, lr, int(seed)), alphas_of[(method, lr)])
+            for method, lr in front_runs(frontier, points) for seed in frontier.front_seeds]
 
 
 def train_overrides(frontier: FrontierConfig, method: MethodSpec, key: RunKey, run_dir: Path) -> list[str]:
@@ -379,7 +422,25 @@ class Frontier:
         self.base()
         for key, alphas in mine:
             self.run_unit(key, alphas)
+        if self.frontier.front_seeds:
+            second = front_seed_design(self.frontier, self.wait_for_first_pass())
+            mine = second[index::count]
+            log.info("frontier %s: %d runs in the front-seeds pass, %d for shard %d/%d", self.frontier.name, len(second), len(mine), index, count)
+            for key, alphas in mine:
+                self.run_unit(key, alphas)
         return self.collect()
+
+    def missing(self, units: Sequence[tuple[RunKey, tuple[float, ...]]]) -> list[str]:
+        return [key.point_id(a) for key, alphas in units for a in (1.0, *alphas) if not self.point_path(key.point_id(a)).is_file()]
+
+    def wait_for_first_pass(self, poll_seconds: float = 30.0) -> list[dict]:
+        """Every first-pass point (the other shards' too: the second pass is chosen from all of them)."""
+        while True:
+            missing = self.missing(design(self.frontier))
+            if not missing:
+                return self.collect()
+            log.info("frontier %s: waiting for %d first-pass points of other shards (%s ...)", self.frontier.name, len(missing), missing[0])
+            time.sleep(poll_seconds)
 
     # -- assembling
 
@@ -388,13 +449,19 @@ class Frontier:
         base = self.base()
         points = [self.base_point(base)]
         missing = []
-        for key, alphas in design(self.frontier):
-            for alpha in (1.0, *alphas):
-                path = self.point_path(key.point_id(alpha))
-                if path.is_file():
-                    points.append(json.loads(path.read_text()))
-                else:
-                    missing.append(key.point_id(alpha))
+
+        def gather(units):
+            for key, alphas in units:
+                for alpha in (1.0, *alphas):
+                    path = self.point_path(key.point_id(alpha))
+                    if path.is_file():
+                        points.append(json.loads(path.read_text()))
+                    else:
+                        missing.append(key.point_id(alpha))
+
+        gather(design(self.frontier))
+        if self.frontier.front_seeds and not missing:  # the second pass is known once the first is whole
+            gather(front_seed_design(self.frontier, list(points)))
         lines = "".join(json.dumps(p, sort_keys=True) + "\n" for p in points)
         from loki.files import write_atomic
 
