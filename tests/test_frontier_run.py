@@ -180,3 +180,39 @@ def test_the_runner_adds_the_front_seeds_pass_after_the_first_pass(tmp_path, mon
     # or its interpolation (0.35, no) and lr 1e-3 (0.5, no): so lr 3e-2 and 3e-3 get seeds 1 and 2
     assert made[4:] == [("loki-q0.1", 3e-2, 1), ("loki-q0.1", 3e-2, 2), ("full", 3e-3, 1), ("full", 3e-3, 2)]
     assert len(points) == 1 + 6 + 4 * 2  # the base, the first pass (4 runs, 2 interpolations), 4 runs with theirs
+
+
+def test_publish_writes_the_page_with_its_status_estimate_and_raw_points(tmp_path, monkeypatch):
+    """Half a first pass of stand-in runs: the page names what remains and estimates it from the measured rates."""
+    from studies.frontier import run as frontier_run
+    from studies.frontier.publish import publish
+
+    def fake_unit(self, key, alphas):
+        for alpha in (1.0, *alphas):
+            point = dict(_point(key.method, key.lr, 0.5 * alpha, 0.2 * alpha, key.seed, alpha), id=key.point_id(alpha),
+                         seconds_train=100.0 if alpha == 1.0 else 0.0, seconds_eval={"task": 10.0, "retention": 10.0})
+            self.write_point(point, {})
+
+    monkeypatch.setattr(frontier_run.Frontier, "run_unit", fake_unit)
+    monkeypatch.setattr(frontier_run.Frontier, "base", lambda self: {"task_metrics": {"acc": 0.2}, "primary": "acc",
+                                                                   "task_metrics_val": {}, "retention": {}, "seconds": 7.0})
+    frontier = _toy_frontier(front_seeds=[1], measures=["kl"])
+    out = tmp_path / "f"
+    runner = frontier_run.Frontier(frontier, out)
+    out.mkdir(parents=True)
+    (out / "base.json").write_text(json.dumps(runner.base()))
+    for key, alphas in frontier_run.design(frontier)[0::2]:  # shard 0/2's runs: loki 1e-2, full 1e-3 (the other shard never ran)
+        runner.run_unit(key, alphas)
+    points = runner.collect()
+    frontier_run.write_report(frontier, out, points)
+    page = publish(frontier, out, points, docs_dir=tmp_path / "docs")
+    text = page.read_text()
+    assert "first pass: 2 of 6 points; front-seeds pass: chosen once the first pass is whole" in text and "**Partial" in text
+    assert "- loki-q0.1: 0.03 s0, 0.03 s0 a0.5" in text and "- full: 0.003 s0, 0.003 s0 a0.5" in text
+    # left: 2 runs x (100 + 20) s + 2 interpolation points (no rate measured yet: 0 s) = 240 s of CPU: 4 min, 2 on two processes
+    assert "(120 s a trained run with its evaluation, no interpolation point timed yet, so they count as 0 s" in text
+    assert "the 2 runs and 2 interpolation points left take about 4 min of CPU time, 2 min on two processes" in text
+    data = tmp_path / "docs" / "frontier_data" / "t"
+    assert sorted(p.name for p in (data / "items").iterdir()) == ["full__lr0.001__seed0__a1.json", "loki-q0.1__lr0.01__seed0__a1.json"]
+    assert len((data / "points.jsonl").read_text().splitlines()) == 3 and (tmp_path / "docs" / "frontier_t.png").is_file()
+    assert "## Results" in text and "### " in text  # the report, one heading level down

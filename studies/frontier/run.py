@@ -515,11 +515,16 @@ def _log_wandb(logger: Any, points: list[dict]) -> None:
     logger.log({"frontier/points": wandb.Table(columns=columns, data=rows)})
 
 
-def main(frontier: FrontierConfig, out: Path, shard: str = "0/1", report_only: bool = False, logger: Any = None) -> Path:
+def main(frontier: FrontierConfig, out: Path, shard: str = "0/1", report_only: bool = False, logger: Any = None,
+         publish: bool = False) -> Path:
     runner = Frontier(frontier, out, parse_shard(shard))
     started, cpu = time.time(), os.times()
     points = runner.collect() if report_only else runner.run()
     path = write_report(frontier, out, points, logger)
+    if publish:  # docs/frontier_<name>.md with the raw points beside it (studies.frontier.publish)
+        from studies.frontier.publish import publish as publish_page
+
+        print(f"frontier: page {publish_page(frontier, out, points)}")
     used = os.times()
     log.info("frontier %s: %.0f s wall, %.0f s CPU in this process", frontier.name, time.time() - started,
              (used.user - cpu.user) + (used.system - cpu.system))
