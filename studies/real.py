@@ -46,7 +46,7 @@ def _log(message: str) -> None:
 
 def real_overrides(study: StudyConfig, recipe: str | None = None) -> list[str]:
     """train.py overrides shared by every stage: model, retention sizes, the recipe's attribution settings."""
-    out = [f"model={study.model}"]
+    out = [f"model={study.model}", "~model_task"]  # the study sets its own sizes: no model-task pair config (conf/model_task/)
     for bench in MMLU_BENCHMARKS:
         for key, value in (study.retention or {}).get(bench, {}).items():
             out.append(f"++eval.benchmarks.{bench}.{key}={'null' if value is None else value}")

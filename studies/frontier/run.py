@@ -201,10 +201,11 @@ def front_seed_design(frontier: FrontierConfig, points: Sequence[Mapping[str, An
 
 def train_overrides(frontier: FrontierConfig, method: MethodSpec, key: RunKey, run_dir: Path) -> list[str]:
     """train.py overrides of one run: the design's, the method's, then what the frontier fixes. The run
-    trains only: the runner evaluates the trained model in memory, so train.py measures nothing, writes no
+    trains only (no model-task pair config: the design fixes the sizes); the runner evaluates the trained model
+    in memory, so train.py measures nothing, writes no
     checkpoint and exports nothing."""
     return [
-        f"model={frontier.model}", f"task={frontier.task}", *frontier.overrides, *method.overrides,
+        f"model={frontier.model}", f"task={frontier.task}", "~model_task", *frontier.overrides, *method.overrides,
         f"optimizer.lr={key.lr}", f"seed={key.seed}",
         f"trainer.max_steps={frontier.steps}", "trainer.max_epochs=-1", "++trainer.enable_progress_bar=false",
         f"paths.output_dir={run_dir}", "logger=none", "~callbacks.checkpoint",
