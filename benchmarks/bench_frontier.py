@@ -3,7 +3,7 @@ real-model study's settings, measuring everything, writing a checkpoint and an e
 frontier's path (the same training, evaluated in memory on what the frontier's table reads), by stage,
 and an interpolation point (no training) of the frontier's path.
 
-    python benchmarks/bench_frontier.py [--steps 30] [--texts 32] [--threads 1] [--impl hook,rows]
+    python benchmarks/bench_frontier.py [--steps 30] [--texts 32] [--threads 1] [--impl hook,rows,rows+labelled]
 
 Both paths train the same LoKI run (q = 0.1, lr 1e-3, 30 steps at batch 8 on 30 invented facts) and read
 the same held-out texts for KL and LM loss. The KVA store and the base model's measurements are made
@@ -92,14 +92,21 @@ def todays_path(steps: int, texts: int, out: Path) -> dict[str, float]:
 
 def frontier_path(steps: int, texts: int, out: Path, impl: str = "hook") -> tuple[dict[str, float], dict[str, float]]:
     """The frontier's unit: one run, evaluated in memory, and one interpolation point of it. `impl`:
-    LoKI's implementation (rows: only the [k, F] blocks are parameters; the same method)."""
+    LoKI's implementation (rows: only the [k, F] blocks are parameters; the same method), optionally with
+    `+labelled`: the training loss with the output head on labelled positions only (loss.logits=labelled,
+    the same loss), and `+bf16`: training under bf16 autocast (trainer.precision=bf16-mixed; fp32 master
+    rows, so not the same arithmetic: a different run, not a faster copy of the same one)."""
     from studies.frontier.run import Frontier, FrontierConfig, RunKey
+
+    impl, *options = impl.split("+")
+    method_overrides = ["loki.q=0.1", f"loki.impl={impl}"] + (["loss.logits=labelled"] if "labelled" in options else [])
+    method_overrides += ["trainer.precision=bf16-mixed"] if "bf16" in options else []
 
     extra = [o for o in overrides(steps, texts)[2:] if not o.startswith(("loki.q", "optimizer.lr", "trainer.", "++trainer"))]
     extra = [o for o in extra if "mmlu." not in o and "mmlu_cloze." not in o]  # letter and cloze: opt-in, off here
     extra += ["eval.benchmarks.mmlu.enabled=false", "eval.benchmarks.mmlu_cloze.enabled=false"]
     frontier = FrontierConfig(name="bench", model="smollm135m", task="toy_facts", steps=steps, seeds=[0], alphas=[0.5],
-                              interpolate_top=1, overrides=extra, methods=[{"name": "loki-q0.1", "overrides": ["loki.q=0.1", f"loki.impl={impl}"], "lrs": [1e-3]}])
+                              interpolate_top=1, overrides=extra, methods=[{"name": "loki-q0.1", "overrides": method_overrides, "lrs": [1e-3]}])
     runner = Frontier(frontier, out)
     runner.base()  # the base's measurements: once per frontier (untimed, as cached in practice)
     runner.base_state()
@@ -119,7 +126,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps of the run")
     parser.add_argument("--texts", type=int, default=32, help="held-out texts of the KL and LM-loss measures")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--impl", default="hook", help="LoKI implementations of the frontier path, comma-separated (hook,rows)")
+    parser.add_argument("--impl", default="hook", help="LoKI implementations of the frontier path, comma-separated (hook,rows; +labelled: loss.logits=labelled; +bf16: trainer.precision=bf16-mixed)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     impls = [i.strip() for i in args.impl.split(",") if i.strip()]

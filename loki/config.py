@@ -273,7 +273,7 @@ def check_train_config(cfg: DictConfig) -> None:
     """Every value `train.py` reads, checked before any data or model is loaded."""
     from loki.implant import IMPLS
     from loki.lightning.module import LR_SCHEDULES
-    from loki.select import SCORE_MODES, STRATEGIES
+    from loki.select import QUOTAS, SCORE_MODES, STRATEGIES
 
     c = _Checker(cfg)
     _check_model(c)
@@ -293,6 +293,7 @@ def check_train_config(cfg: DictConfig) -> None:
         c.boolean(key)
     _check_export(c)
     schema.validate_evaluate(c.get("evaluate"))
+    schema.validate_loss(c.get("loss"))
     _check_task(c)
     if c.get("evaluate.retention"):
         schema.validate_retention(c.get("eval"))  # every benchmark's settings, by the schema
@@ -313,7 +314,24 @@ def check_train_config(cfg: DictConfig) -> None:
     c.one_of("loki.strategy", STRATEGIES)
     c.one_of("loki.score", SCORE_MODES)
     c.integer("loki.seed")
+    c.one_of("loki.quota", QUOTAS)
+    c.number("loki.quota_floor", 0, 1)
+    c.boolean("loki.soft")
+    if c.get("loki.soft"):
+        c.number("loki.soft_span", 1, float("inf"))
+        if int(c.get("lora.rank")):
+            c.fail("loki.soft", "false with lora.rank > 0 (per-row learning rates apply to the rows themselves)", True)
+        if c.get("loki.positions") is not None:
+            c.fail("loki.soft", "false when loki.positions is given (soft selection selects at q*soft_span itself)", True)
+        q = c.get("loki.q")
+        if isinstance(q, (int, float)) and 0 < q and float(q) * float(c.get("loki.soft_span")) >= 1:
+            c.fail("loki.soft_span", f"below 1/loki.q = {1 / float(c.get('loki.q')):g} (q*soft_span is the fraction of rows that train)", c.get("loki.soft_span"))
     positions = c.get("loki.positions")
+    if c.get("loki.quota") != "uniform":
+        if positions is not None:
+            c.fail("loki.quota", "uniform when loki.positions is given (a per-layer quota is made from the scores)", c.get("loki.quota"))
+        if not str(c.get("loki.strategy")).startswith("layer_balanced"):
+            c.fail("loki.quota", "uniform with loki.strategy=" + str(c.get("loki.strategy")) + " (a quota applies to the layer_balanced strategies)", c.get("loki.quota"))
     if positions is None or positions == "published":
         # selection (and the published files, which are per q) need q
         c.number("loki.q", 0, 1, low_open=True, high_open=True)

@@ -39,8 +39,10 @@ from loki.positions import Positions, check_q, load_positions, rows_per_layer, s
 log = logging.getLogger(__name__)
 
 
-def method_label(loki_enabled: bool, lora_rank: int, q: float | None, strategy: str | None, variant: str = "lora") -> str:
-    """Short label of what trains: full, lora-r16, dora-r16, osf, loki-q0.1, loki-q0.1-global_lowest+lora-r16 ..."""
+def method_label(
+    loki_enabled: bool, lora_rank: int, q: float | None, strategy: str | None, variant: str = "lora", quota: str = "uniform", soft: bool = False
+) -> str:
+    """Short label of what trains: full, lora-r16, dora-r16, osf, loki-q0.1, loki-q0.1-mass, loki-q0.1-soft, loki-q0.1-global_lowest+lora-r16 ..."""
     if not loki_enabled:
         from loki.peft_methods import method_name, uses_peft
 
@@ -49,6 +51,10 @@ def method_label(loki_enabled: bool, lora_rank: int, q: float | None, strategy: 
     label = f"loki-q{q:g}" if q is not None else "loki-positions"  # a positions file may come without q
     if strategy and strategy != "layer_balanced":
         label += f"-{strategy}"
+    if quota and quota != "uniform":
+        label += f"-{quota}"
+    if soft:
+        label += "-soft"
     return label + (f"+lora-r{int(lora_rank)}" if lora_rank else "")
 
 
@@ -64,6 +70,7 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
     d = arch.dims(model)
     q = loki_cfg.q
     source = loki_cfg.positions
+    adaptive = loki_cfg.quota != "uniform"  # a per-layer quota is made from the scores, so no file or shipped set
     if source:
         path = published_positions_path(cfg.model.name, check_q(q)) if source == "published" else Path(source)
         positions = validate_positions(load_positions(path), d.num_layers, d.hidden_size, where=str(path))
@@ -97,8 +104,8 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
     if loki_cfg.scores == "auto":
         store_dir = attribution.default_store(cfg)
         if not ScoreStore.exists(store_dir):
-            shipped, why_not = None, "loki.use_shipped=false"
-            if loki_cfg.use_shipped:  # the same positions, when shipped for exactly this store and selection
+            shipped, why_not = None, "loki.use_shipped=false" if not adaptive else f"loki.quota={loki_cfg.quota} needs the scores"
+            if loki_cfg.use_shipped and not adaptive:  # the same positions, when shipped for exactly this store and selection
                 from loki.shipped import shipped_for
 
                 kva, data = attribution.settings(cfg)
@@ -137,15 +144,23 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
             f"attribution scores in {store_dir} have shape (layers, rows) = {tuple(store.shape)} but the model has "
             f"{(d.num_layers, d.hidden_size)}; they were made for another model."
         )
+    quota, quota_note = None, ""
+    if adaptive:  # quota=mass: one pass for each layer's mean |score|, then the selection with per-layer k
+        from loki.select import adaptive_quota, layer_mass
+
+        mass = layer_mass(store.iter_chunks(), expected_shape=(d.num_layers, d.hidden_size))
+        quota = adaptive_quota(mass, q, d.hidden_size, floor_ratio=float(loki_cfg.quota_floor))
+        quota_note = f", per-layer quota by attribution mass {quota}"
     positions = select_positions(
         store.iter_chunks(),
         q,
         strategy=loki_cfg.strategy,
         seed=int(loki_cfg.seed),
         score=loki_cfg.score,
+        quota=quota,
     )
     positions = validate_positions(positions, d.num_layers, d.hidden_size)
-    return positions, f"{loki_cfg.strategy} selection (score={loki_cfg.score}) from {store.num_samples} samples in {store_dir}"
+    return positions, f"{loki_cfg.strategy} selection (score={loki_cfg.score}{quota_note}) from {store.num_samples} samples in {store_dir}"
 
 
 def write_json(path: str | Path, data: Any) -> Path:
@@ -300,7 +315,7 @@ def setup(cfg: DictConfig) -> Setup:
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     arch.dims(model)  # an unsupported architecture stops here, with the list of supported ones
     memory = apply_memory_options(model, cfg.model)  # gradient checkpointing now; compile at fit (below)
-    method = method_label(cfg.loki.enabled, cfg.lora.rank, cfg.loki.q, cfg.loki.strategy, cfg.lora.variant)
+    method = method_label(cfg.loki.enabled, cfg.lora.rank, cfg.loki.q, cfg.loki.strategy, cfg.lora.variant, cfg.loki.quota, bool(cfg.loki.soft))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and c.get("_target_")]
     logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else None
     if logger is None:  # LearningRateMonitor refuses to run without a logger
@@ -315,7 +330,19 @@ def setup(cfg: DictConfig) -> Setup:
         from loki.implant import check_positions
         from loki.lightning import LokiCallback
 
-        out.positions, out.positions_source = resolve_positions(cfg, model, tokenizer)
+        row_scales = None
+        if cfg.loki.soft:  # soft selection: the rows of the selection at q*soft_span, updates scaled by rank
+            from loki.implant import soft_scales
+
+            wider = cfg.copy()
+            with open_dict(wider):
+                wider.loki.q = round(float(cfg.loki.q) * float(cfg.loki.soft_span), 9)
+            out.positions, out.positions_source = resolve_positions(wider, model, tokenizer)
+            row_scales = soft_scales(out.positions)
+            out.notes["soft"] = {"rows": sum(map(len, out.positions)), "scale_sum": round(sum(map(sum, row_scales)), 3)}
+            out.positions_source += f"; soft selection: updates scaled 1 - i/k' by rank (sum of scales {out.notes['soft']['scale_sum']:g} rows)"
+        else:
+            out.positions, out.positions_source = resolve_positions(cfg, model, tokenizer)
         out.loki_callback = LokiCallback(
             out.positions,
             impl=cfg.loki.impl,
@@ -323,6 +350,7 @@ def setup(cfg: DictConfig) -> Setup:
             lora_alpha=_lora_alpha(cfg),
             lora_dropout=float(cfg.lora.dropout),
             model_name=cfg.model.name,
+            row_scales=row_scales,
         )
         check_positions(model, out.positions, int(cfg.lora.rank))  # lora.rank > k fails now, before data loading
         out.callbacks.insert(0, out.loki_callback)
@@ -411,7 +439,30 @@ def build_module(cfg: DictConfig, setup: Setup) -> CausalLMModule:
     if setup.loki_callback is None:  # counted now: merging peft LoRA at the end forgets what trained
         setup.notes["trainable"] = _trainable_summary(setup.model)
     optimizer = instantiate(cfg.optimizer)
-    return CausalLMModule(setup.model, optimizer=optimizer, lr_schedule=OmegaConf.to_container(cfg.lr_schedule))
+    loss = OmegaConf.to_container(cfg.loss)
+    anchor = build_anchor(cfg, setup) if float(loss["anchor_weight"]) > 0 else None
+    return CausalLMModule(setup.model, optimizer=optimizer, lr_schedule=OmegaConf.to_container(cfg.lr_schedule), loss=loss, anchor=anchor)
+
+
+def build_anchor(cfg: DictConfig, setup: Setup):
+    """The base model's next-token distributions on `loss.anchor_prompts` attribution prompts, spread evenly
+    over the prompt list (the `data` group, which retention never reads). Made before fit, while the model
+    still computes the base function: LoKI installs its rows at fit setup, and peft adapters start at zero
+    (PiSSA, CorDA and OSF re-split the same weights)."""
+    from loki import attribution
+    from loki.attribution import build_prompts
+    from loki.losses import anchor_targets
+
+    _, data = attribution.settings(cfg)
+    rows = attribution.load_rows(data)
+    prompts = build_prompts(rows, setup.tokenizer, system_prompt=data.get("system_prompt"), style=data.get("prompt") or "letter")
+    count = min(int(cfg.loss.anchor_prompts), len(prompts))
+    chosen = [prompts[(i * len(prompts)) // count]["input_ids"] for i in range(count)]
+    pad_id = setup.tokenizer.pad_token_id if setup.tokenizer.pad_token_id is not None else setup.tokenizer.eos_token_id
+    setup.model.to(setup.device)
+    targets = anchor_targets(setup.model, chosen, pad_id, top_k=cfg.loss.anchor_top_k)
+    log.info("KL anchor: %d attribution prompts, %d positions, base top-%s kept.", count, len(targets.log_probs), cfg.loss.anchor_top_k or "all")
+    return targets
 
 
 # -------------------------------------------------------------------------------------------- evaluate

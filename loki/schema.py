@@ -163,6 +163,28 @@ class LrScheduleConfig:
     min_ratio: Any = 0.0           # final LR as a fraction of the peak
 
 
+LOSS_LOGITS = ("all", "labelled")
+
+
+@dataclass
+class LossConfig:
+    logits: Any = "all"            # all: the model's own loss (head on every position) | labelled: head only where a label is read (same loss, faster)
+    anchor_weight: Any = 0.0       # weight of KL(base || model) on anchor prompts added to the loss; 0 = off (issue 20's knowledge-preserving loss)
+    anchor_prompts: Any = 64       # how many attribution prompts (the `data` group; retention never reads them) anchor the KL, spread evenly
+    anchor_batch: Any = 4          # anchor prompts read per training step (walked through a seeded permutation)
+    anchor_top_k: Any = 64         # base tokens kept per position: the KL is over those plus "the rest" (null: the whole vocabulary)
+    anchor_seed: Any = 0           # the permutation's seed
+
+    def __post_init__(self) -> None:
+        k = checks.key
+        checks.one_of(k("logits"), self.logits, LOSS_LOGITS)
+        checks.number(k("anchor_weight"), self.anchor_weight, 0, float("inf"))
+        for name in ("anchor_prompts", "anchor_batch"):
+            checks.integer(k(name), getattr(self, name), low=1)
+        checks.integer(k("anchor_top_k"), self.anchor_top_k, low=1, optional=True)
+        checks.integer(k("anchor_seed"), self.anchor_seed, low=0)
+
+
 @dataclass
 class EvaluateConfig:
     retention: Any = True          # measure general ability before and after (the point of LoKI)
@@ -183,9 +205,10 @@ class TrainSchema:
     seed: Any = 0                  # seeds data order, init of LoRA factors and the random strategy
     ckpt_path: Any = None          # a Lightning checkpoint to resume from (e.g. <run dir>/checkpoints/last.ckpt)
     checkpoint_every_n_steps: Any = None  # also checkpoint every N optimizer steps (null: once per epoch)
-    method_name: Any = "${method:${loki.enabled},${lora.rank},${loki.q},${loki.strategy},${lora.variant}}"  # short label for logs and tables
+    method_name: Any = "${method:${loki.enabled},${lora.rank},${loki.q},${loki.strategy},${lora.variant},${oc.select:loki.quota,uniform},${oc.select:loki.soft,false}}"  # short label for logs and tables
     experiment_name: Any = "${task.name}"  # the W&B group of the jobs: an experiment preset names itself, else the task
     lr_schedule: LrScheduleConfig = field(default_factory=LrScheduleConfig)  # the LR after warm-up
+    loss: LossConfig = field(default_factory=LossConfig)  # how the training loss is computed, and an optional KL anchor to the base
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)  # which measurements the run makes
     export: Any = field(default_factory=lambda: {"format": "full"})  # full: <run dir>/model | adapter: only the trained rows | none
     telemetry: Any = True          # with a logger: tokens/s, grad norm and peak memory during training
@@ -206,6 +229,10 @@ class TrainSchema:
 def validate_retention(eval_cfg: Mapping[str, Any], where: str = "eval") -> RetentionConfig:
     """`cfg.eval` (resolved) as a checked `RetentionConfig`."""
     return build(RetentionConfig, dict(eval_cfg), where)
+
+
+def validate_loss(loss_cfg: Mapping[str, Any]) -> LossConfig:
+    return build(LossConfig, dict(loss_cfg), "loss")
 
 
 def validate_evaluate(evaluate_cfg: Mapping[str, Any]) -> EvaluateConfig:
@@ -231,6 +258,10 @@ class LokiSchema:
     strategy: Any = "layer_balanced"  # layer_balanced | layer_balanced_highest | global_lowest | global_highest | random | smallest_norm
     score: Any = "abs"             # abs: rank by magnitude (least damage on SmolLM2, docs/real_model.md); signed: the paper's reading
     seed: Any = 0                  # seed of the `random` strategy
+    quota: Any = "uniform"         # uniform: k rows in every layer (the paper) | mass: the same L*k rows spread by 1 / each layer's mean |KVA| (beyond the paper)
+    quota_floor: Any = 0.5         # quota=mass: every layer keeps at least this fraction of k rows (at least 1)
+    soft: Any = False              # true: soft selection (beyond the paper): soft_span*k rows train, row i of k' with updates scaled by 1 - i/k'
+    soft_span: Any = 2.0           # soft: rows trained per layer as a multiple of k; 2 keeps the scales' sum at about k rows
     impl: Any = "${oc.select:model.loki_impl,hook}"  # hook: full weight + gradient row mask; rows: only [k, F] fp32 blocks are parameters
 
 

@@ -17,6 +17,13 @@ Strategies (k = floor(q * D) rows per layer; n = int(L * D * q) rows in total fo
 * smallest_norm: the k rows of smallest L2 norm in each layer's down_proj weight (a control with no
   attribution at all; `smallest_norm_positions` takes the weights, not scores).
 
+Per-layer quota (the paper's future work; an option of the two layer_balanced strategies): quota=[k_0, ...,
+k_{L-1}] gives layer l its own k_l in place of k, by the same rule (each sample takes its k_l lowest scores
+in layer l; the layer keeps its k_l most frequent rows); quota=[k]*L is the plain strategy, row for row.
+`adaptive_quota` spreads the same total L*k over layers in inverse proportion to a per-layer measure
+(`layer_mass`: mean |score|, or the damage of suppressing the layer's rows), at least a floor each and
+at most D; `layer_quota` does the integer split (largest remainder, water-filled under the cap).
+
 Ties, everywhere, are broken deterministically: within a sample, equal scores are taken in row order
 (lower index first); among equally frequent rows, the lower mean score wins (higher for the *_highest
 strategies), then the lower index (for global: layer-major flat index l*D + j).
@@ -30,8 +37,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import operator
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -44,6 +53,9 @@ SCORE_STRATEGIES = ("layer_balanced", "layer_balanced_highest", "global_lowest",
 NO_SCORE_STRATEGIES = ("random", "smallest_norm")
 STRATEGIES = (*SCORE_STRATEGIES, "smallest_norm")
 SCORE_MODES = ("signed", "abs")
+# Per-layer row budgets: uniform = k = floor(q*D) in every layer (the paper); mass = the same total by
+# `adaptive_quota` over each layer's attribution mass (`layer_mass`).
+QUOTAS = ("uniform", "mass")
 # Samples handled at once inside a chunk: bounds the temporaries (a few bytes per score).
 _SAMPLES_PER_STEP = 64
 
@@ -55,11 +67,14 @@ def select_positions(
     seed: int = 0,
     score: str = "signed",
     expected_shape: tuple[int, int] | None = None,
+    quota: Sequence[int] | None = None,
 ) -> Positions:
     """Rows to train per layer, in the published positions format (a list of L lists of row indices).
 
     scores: a tensor [N, L, D] or an iterable of chunks [n_i, L, D] (streamed; never concatenated).
     expected_shape: (L, D) of the model the positions are for; a mismatch is an error.
+    quota: rows per layer (L ints in [1, D]) in place of k = floor(q*D), for the layer_balanced strategies
+    only (see `adaptive_quota`); q is then only range-checked.
     """
     check_q(q)
     if strategy == "smallest_norm":
@@ -68,7 +83,11 @@ def select_positions(
         raise LokiError(f"strategy must be one of {', '.join(SCORE_STRATEGIES)}, got {strategy!r}.")
     if score not in SCORE_MODES:
         raise LokiError(f"score must be 'signed' or 'abs', got {score!r}.")
-    tally = _Tally(q, strategy, score, expected_shape)
+    if quota is not None:
+        if not strategy.startswith("layer_balanced"):
+            raise LokiError(f"a per-layer quota applies to the layer_balanced strategies only, not to {strategy!r}.")
+        quota = _int_list(quota, "quota")
+    tally = _Tally(q, strategy, score, expected_shape, quota)
     for chunk in _chunks(scores):
         tally.add(chunk)
     return tally.positions(seed)
@@ -105,6 +124,116 @@ def smallest_norm_positions(weights: Iterable[torch.Tensor], q: float) -> Positi
     return positions
 
 
+def layer_quota(weights: Sequence[float] | torch.Tensor, total: int, floor: int = 0, cap: int | None = None) -> list[int]:
+    """Split `total` rows over L layers in proportion to `weights` (one non-negative finite float per layer):
+    every layer gets `floor`, and the remaining total - L*floor goes by the weights, rounded with the
+    largest-remainder (Hamilton) method; equal remainders go to the lower layer index first. No layer gets
+    more than `cap` (default: total): a layer whose share would pass it is fixed at the cap and the rest is
+    re-split over the others by their weights (water-filling). All-zero weights split equally. The result
+    sums to `total` exactly.
+
+    Shares are computed in exact rational arithmetic on the floats given, so a tie is a tie of the inputs,
+    never of rounding."""
+    if isinstance(weights, torch.Tensor):
+        if weights.ndim != 1:
+            raise LokiError(f"layer weights must be one number per layer (a 1-D tensor), got shape {tuple(weights.shape)}.")
+        weights = weights.tolist()
+    try:
+        weights = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise LokiError("layer weights must be a sequence of numbers, one per layer.") from None
+    if not weights:
+        raise LokiError("layer weights are empty; give one weight per layer.")
+    bad = [i for i, w in enumerate(weights) if not (math.isfinite(w) and w >= 0)]
+    if bad:
+        raise LokiError(f"layer weights must be non-negative and finite, but layer {bad[0]} has {weights[bad[0]]}.")
+    layers = len(weights)
+    total, floor = _count(total, "total"), _count(floor, "floor")
+    cap = total if cap is None else _count(cap, "cap")
+    if layers * floor > total:
+        raise LokiError(f"a floor of {floor} rows in each of {layers} layers needs {layers * floor}, more than the total of {total}.")
+    if total > layers * cap:
+        raise LokiError(f"a total of {total} rows does not fit in {layers} layers of at most {cap} rows each.")
+
+    share = [Fraction(w) for w in weights]
+    quota: list[Fraction | int] = [0] * layers
+    free = list(range(layers))  # layers not yet fixed at the cap
+    left = total
+    while True:
+        # Split `left` over the free layers: floor each, the rest by weight (equally where all weigh 0).
+        weight_sum = sum(share[i] for i in free)
+        spread = left - floor * len(free)
+        for i in free:
+            quota[i] = floor + (spread * share[i] / weight_sum if weight_sum else Fraction(spread, len(free)))
+        over = [i for i in free if quota[i] > cap]
+        if not over:
+            break
+        for i in over:  # fixed at the cap; the next round re-splits what they would have had above it
+            quota[i] = cap
+            left -= cap
+        free = [i for i in free if i not in over]
+    # Largest remainder over the free layers (the capped ones are whole already). Each free share is at
+    # most cap, an integer, so rounding one up never passes the cap.
+    whole = {i: math.floor(quota[i]) for i in free}
+    short = left - sum(whole.values())
+    for i in sorted(free, key=lambda i: (-(quota[i] - whole[i]), i))[:short]:
+        whole[i] += 1
+    return [int(whole.get(i, quota[i])) for i in range(layers)]
+
+
+def adaptive_quota(mass_or_damage: Sequence[float] | torch.Tensor, q: float, hidden_size: int, floor_ratio: float = 0.5) -> list[int]:
+    """Rows per layer for `select_positions(..., quota=)`: the layer-balanced total L*k (k = floor(q*D))
+    spread in inverse proportion to a per-layer measure, with at least floor(floor_ratio*k) (and 1) rows
+    and at most D per layer (`layer_quota`).
+
+    mass_or_damage: one positive number per layer saying how much the layer as a whole matters, e.g.
+    `layer_mass(scores)` (mean |attribution score|) or the loss increase when its rows are suppressed.
+    Why inverse: LoKI trains the rows that matter least, so a layer whose rows matter less overall can
+    take more of the budget with less risk to what the model knows; the floor keeps every layer trainable."""
+    k = rows_per_layer(check_q(q), hidden_size)
+    if k == 0:
+        raise LokiError(f"q={q} selects no row of {hidden_size}; use q >= {1 / hidden_size:.3g}.")
+    if isinstance(floor_ratio, bool) or not isinstance(floor_ratio, (int, float)) or not 0.0 <= floor_ratio <= 1.0:
+        raise LokiError(f"floor_ratio must be a fraction of k between 0 and 1, got {floor_ratio!r}.")
+    try:
+        measure = torch.as_tensor(mass_or_damage).detach().to(device="cpu", dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise LokiError("the per-layer measure must be a sequence of numbers, one per layer.") from None
+    if measure.ndim != 1 or len(measure) == 0:
+        raise LokiError(f"the per-layer measure must be one number per layer, got shape {tuple(measure.shape)}.")
+    if not (torch.isfinite(measure).all() and (measure > 0).all()):
+        layer = int((~(torch.isfinite(measure) & (measure > 0))).nonzero()[0])
+        raise LokiError(
+            f"the per-layer measure must be positive and finite (it is inverted), but layer {layer} has "
+            f"{measure[layer].item()}; clip it to a small positive value."
+        )
+    layers = len(measure)
+    floor = max(1, int(math.floor(round(floor_ratio * k, 9))))  # rounded like rows_per_layer
+    return layer_quota((1.0 / measure).tolist(), total=layers * k, floor=floor, cap=hidden_size)
+
+
+def layer_mass(scores: torch.Tensor | Iterable[torch.Tensor], expected_shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """Per-layer attribution mass: the mean |score| over samples and rows, float64 [L], in one streaming
+    pass over scores given as for `select_positions` (a tensor [N, L, D] or chunks [n_i, L, D])."""
+    shape = tuple(expected_shape) if expected_shape is not None else None
+    sums = None
+    samples = 0
+    for chunk_index, chunk in enumerate(_chunks(scores)):
+        chunk = _score_chunk(chunk, f"score chunk {chunk_index}", shape)
+        shape = tuple(chunk.shape[1:])
+        if sums is None:
+            sums = torch.zeros(shape[0], dtype=torch.float64)
+        for offset, part in zip(range(0, len(chunk), _SAMPLES_PER_STEP), chunk.split(_SAMPLES_PER_STEP)):
+            part_sums = part.double().abs().sum(dim=(0, 2))  # float64 per step: bounded temporaries
+            if not torch.isfinite(part_sums).all():
+                _raise_not_finite(part, offset, samples, chunk_index)
+            sums += part_sums
+        samples += len(chunk)
+    if samples == 0:
+        raise LokiError("no scores were given (zero samples), so there is no layer mass to measure.")
+    return sums / (samples * shape[1])
+
+
 def global_rows(q: float, num_layers: int, hidden_size: int) -> int:
     """n = int(L * D * q), the global strategies' total (the LoKI authors' count); rounded before flooring
     like `rows_per_layer`, so a product such as 409.6 is never read as 409.59999."""
@@ -115,13 +244,14 @@ def global_rows(q: float, num_layers: int, hidden_size: int) -> int:
 class _Tally:
     """Running counts of how often each (layer, row) was taken, and running score sums for ties."""
 
-    def __init__(self, q, strategy, score, expected_shape):
+    def __init__(self, q, strategy, score, expected_shape, quota=None):
         self.q, self.strategy, self.score = q, strategy, score
         self.highest = strategy.endswith("highest")
         self.per_layer = strategy.startswith("layer_balanced")
         self.shape = tuple(expected_shape) if expected_shape is not None else None
         self.counts = self.sums = None
         self.k = self.total = None
+        self.quota = quota  # rows per layer for the layer_balanced strategies; [k]*L unless given
         self.samples = self.chunks = 0
 
     def add(self, chunk: torch.Tensor) -> None:
@@ -141,7 +271,7 @@ class _Tally:
             if self.strategy == "random":
                 continue
             if self.per_layer:
-                taken = _lowest_k(values, self.k) + torch.arange(layers)[:, None] * hidden  # flat l*D + j
+                taken = self._taken_per_layer(values)
             else:
                 taken = _lowest_k(values.reshape(len(values), -1), self.total)
             self.counts += torch.bincount(taken.flatten(), minlength=layers * hidden).view(layers, hidden)
@@ -155,52 +285,113 @@ class _Tally:
         if self.strategy == "random":
             return random_positions(layers, hidden, self.q, seed)
         if self.per_layer:
-            return [_rank(self.counts[l], self.sums[l])[: self.k].tolist() for l in range(layers)]
+            return [_rank(self.counts[l], self.sums[l])[: self.quota[l]].tolist() for l in range(layers)]
         best = _rank(self.counts.flatten(), self.sums.flatten())[: self.total]
         out: Positions = [[] for _ in range(layers)]
         for flat_index in best.tolist():
             out[flat_index // hidden].append(flat_index % hidden)
         return out
 
+    def _taken_per_layer(self, values: torch.Tensor) -> torch.Tensor:
+        """Flat indices l*D + j of each sample's quota[l] lowest rows in each layer l."""
+        layers, hidden = self.shape
+        most = max(self.quota)
+        uniform = min(self.quota) == most
+        # One top-k of the largest quota; in (value, index) order, its first quota[l] entries are the
+        # quota[l] lowest with the same tie rule, so a smaller layer quota is a prefix.
+        taken = _lowest_k(values, most, ordered=not uniform) + torch.arange(layers)[:, None] * hidden
+        if uniform:
+            return taken
+        within = torch.arange(most) < torch.tensor(self.quota)[:, None]  # [L, most]
+        return taken[within.expand_as(taken)]
+
     def _raise_not_finite(self, part: torch.Tensor, offset: int):
-        first = offset + int((~torch.isfinite(part).flatten(1).all(dim=1)).nonzero()[0])
-        raise LokiError(
-            f"sample {self.samples + first} (row {first} of score chunk {self.chunks}) has NaN or infinite "
-            f"scores; re-run attribution for it or drop it."
-        )
+        _raise_not_finite(part, offset, self.samples, self.chunks)
 
     def _checked(self, chunk) -> torch.Tensor:
-        where = f"score chunk {self.chunks}"
-        if not isinstance(chunk, torch.Tensor):
-            chunk = torch.as_tensor(chunk)
-        if chunk.ndim == 2:  # a single sample [L, D]
-            chunk = chunk[None]
-        if chunk.ndim != 3:
-            raise LokiError(f"{where} has shape {tuple(chunk.shape)}; expected [samples, layers, hidden].")
-        if not (chunk.is_floating_point()):
-            chunk = chunk.float()
+        chunk = _score_chunk(chunk, f"score chunk {self.chunks}", self.shape)
         if self.shape is None:
             self.shape = tuple(chunk.shape[1:])
-        if tuple(chunk.shape[1:]) != self.shape:
-            raise LokiError(
-                f"{where} has {chunk.shape[1]} layers x {chunk.shape[2]} rows but {self.shape[0]} x "
-                f"{self.shape[1]} were expected; the scores were made for another model."
-            )
         if self.counts is None:
             self.k = rows_per_layer(self.q, self.shape[1])
             self.total = global_rows(self.q, *self.shape)
             if self.strategy.startswith("global") and self.total == 0:
                 rows = self.shape[0] * self.shape[1]
                 raise LokiError(f"q={self.q} selects no row of {rows}; use q >= {1 / rows:.3g}.")
-            if not self.strategy.startswith("global") and self.k == 0:
+            if self.quota is not None:
+                _check_quota(self.quota, *self.shape)
+            elif not self.strategy.startswith("global") and self.k == 0:
                 raise LokiError(f"q={self.q} selects no row of {self.shape[1]}; use q >= {1 / self.shape[1]:.3g}.")
+            else:
+                self.quota = [self.k] * self.shape[0]
             self.counts = torch.zeros(self.shape, dtype=torch.int64)
             self.sums = torch.zeros(self.shape, dtype=torch.float64)
-        return chunk.cpu()
+        return chunk
 
 
-def _lowest_k(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices [..., k] of the k lowest entries along the last dim; equal values are taken in index order."""
+def _score_chunk(chunk, where: str, shape: tuple[int, int] | None) -> torch.Tensor:
+    """chunk as a floating CPU tensor [n, L, D]; with `shape` given, (L, D) must match it."""
+    if not isinstance(chunk, torch.Tensor):
+        chunk = torch.as_tensor(chunk)
+    if chunk.ndim == 2:  # a single sample [L, D]
+        chunk = chunk[None]
+    if chunk.ndim != 3:
+        raise LokiError(f"{where} has shape {tuple(chunk.shape)}; expected [samples, layers, hidden].")
+    if not (chunk.is_floating_point()):
+        chunk = chunk.float()
+    if shape is not None and tuple(chunk.shape[1:]) != shape:
+        raise LokiError(
+            f"{where} has {chunk.shape[1]} layers x {chunk.shape[2]} rows but {shape[0]} x "
+            f"{shape[1]} were expected; the scores were made for another model."
+        )
+    return chunk.cpu()
+
+
+def _raise_not_finite(part: torch.Tensor, offset: int, samples_before: int, chunk_index: int):
+    first = offset + int((~torch.isfinite(part).flatten(1).all(dim=1)).nonzero()[0])
+    raise LokiError(
+        f"sample {samples_before + first} (row {first} of score chunk {chunk_index}) has NaN or infinite "
+        f"scores; re-run attribution for it or drop it."
+    )
+
+
+def _count(value, name: str) -> int:
+    """A non-negative int argument (bools refused: True is not a row count)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise LokiError(f"{name} must be a whole number of rows, got {value!r}.") from None
+    if value < 0:
+        raise LokiError(f"{name} must not be negative, got {value}.")
+    return value
+
+
+def _int_list(values, name: str) -> list[int]:
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    try:
+        return [_count(v, f"each {name} entry") for v in values]
+    except TypeError:
+        raise LokiError(f"{name} must be a list of row counts, one per layer, got {values!r}.") from None
+
+
+def _check_quota(quota: list[int], layers: int, hidden: int) -> None:
+    if len(quota) != layers:
+        raise LokiError(f"quota has {len(quota)} entries but the scores have {layers} layers; give one per layer.")
+    bad = [l for l, k in enumerate(quota) if not 1 <= k <= hidden]
+    if bad:
+        raise LokiError(f"quota for layer {bad[0]} is {quota[bad[0]]} rows; each layer needs 1 to {hidden} (its row count).")
+
+
+def _lowest_k(values: torch.Tensor, k: int, ordered: bool = False) -> torch.Tensor:
+    """Indices [..., k] of the k lowest entries along the last dim; equal values are taken in index order.
+
+    ordered: return them in (value, index) order, so that the first m are the m lowest by the same rule;
+    otherwise their order is unspecified (topk's order among equal values, and the repair below, differ)."""
+    if k >= values.shape[-1]:  # every entry (only a quota of D rows asks): no cut, so no tie to split
+        return torch.sort(values, dim=-1, stable=True).indices[..., :k]
     lowest, index = values.topk(k + 1, dim=-1, largest=False, sorted=True)
     index, kth = index[..., :k], lowest[..., k - 1]
     # Where the k-th and (k+1)-th values are equal the cut splits a tie, and topk's pick among equal
@@ -212,6 +403,10 @@ def _lowest_k(values: torch.Tensor, k: int) -> torch.Tensor:
         room = k - below.sum(dim=-1, keepdim=True)
         take = below | (at & (at.cumsum(dim=-1) <= room))
         index[split_tie] = take.nonzero()[:, 1].view(-1, k)
+    if ordered:
+        # Index order first, then a stable sort by value: equal values stay in index order.
+        index = index.sort(dim=-1).values
+        index = index.gather(-1, torch.sort(values.gather(-1, index), dim=-1, stable=True).indices)
     return index
 
 

@@ -7,6 +7,8 @@ import json
 
 import pytest
 import torch
+
+from loki.errors import LokiError
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -128,3 +130,20 @@ def test_cloze_on_a_shared_context_cache_equals_whole_sequences(arch):
     assert ret.shared_context_logprobs(lora, context, choices, 0) == pytest.approx(
         ret.continuation_logprobs(lora, [context] * 4, choices, 0, 4), abs=1e-4)
     assert ret.shared_context_logprobs(lora, context, choices, 0) != pytest.approx(shared, abs=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_several_contexts_in_one_pass_equal_whole_sequences(arch):
+    """Contexts of different lengths run together, their choices continue each from its own length: the
+    same sums as every (context + choice) scored whole, and as one context at a time."""
+    model = make_tiny_model(arch).eval()
+    g = torch.Generator().manual_seed(5)
+    contexts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (11, 3, 7)]
+    choices = [[torch.randint(3, 250, (n,), generator=g).tolist() for n in lengths] for lengths in ((1, 4, 2), (3, 1, 5), (2, 2, 1))]
+    together = ret.shared_contexts_logprobs(model, contexts, choices, 0)
+    whole = ret.continuation_logprobs(model, [c for c in contexts for _ in range(3)], [x for row in choices for x in row], 0, 4)
+    one_by_one = [v for c, xs in zip(contexts, choices) for v in ret.shared_context_logprobs(model, c, xs, 0)]
+    assert together == pytest.approx(whole, abs=1e-4) and together == pytest.approx(one_by_one, abs=1e-4)
+    assert len(set(round(x, 5) for x in together)) == 9  # nine different scores: nothing collapsed
+    with pytest.raises(LokiError, match="same length"):
+        ret.shared_contexts_logprobs(model, contexts, [choices[0], choices[1][:2], choices[2]], 0)

@@ -111,7 +111,10 @@ def test_every_shipped_frontier_validates_and_its_runs_compose(name):
     from loki import checks
     from studies.frontier.run import FrontierConfig, RunKey, compose_train, design, train_overrides
 
-    raw = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "frontier" / f"{name}.yaml"))
+    from tests.conftest import compose_config
+
+    # composed as the command composes it (a design may build on another through its defaults list)
+    raw = OmegaConf.to_container(compose_config("frontier", f"frontier={name}").frontier, resolve=True)
     with checks.located("frontier"):
         frontier = FrontierConfig(**raw)
     for method in frontier.methods:
@@ -216,3 +219,35 @@ def test_publish_writes_the_page_with_its_status_estimate_and_raw_points(tmp_pat
     assert sorted(p.name for p in (data / "items").iterdir()) == ["full__lr0.001__seed0__a1.json", "loki-q0.1__lr0.01__seed0__a1.json"]
     assert len((data / "points.jsonl").read_text().splitlines()) == 3 and (tmp_path / "docs" / "frontier_t.png").is_file()
     assert "## Results" in text and "### " in text  # the report, one heading level down
+    # restore: a fresh clone gets the published points (not the base) back, byte for byte, and a rerun skips them
+    from studies.frontier.publish import restore
+
+    fresh = tmp_path / "fresh"
+    assert restore(frontier, fresh, docs_dir=tmp_path / "docs") == 2
+    for name in ("full__lr0.001__seed0__a1.json", "loki-q0.1__lr0.01__seed0__a1.json"):
+        assert (fresh / "points" / name).read_bytes() == (out / "points" / name).read_bytes()
+        assert (fresh / "items" / name).read_bytes() == (out / "items" / name).read_bytes()
+    assert not (fresh / "points" / "base.json").exists() and not (fresh / "base.json").exists()
+    assert restore(frontier, fresh, docs_dir=tmp_path / "docs") == 0  # nothing overwritten
+
+
+def test_reuse_from_copies_a_sibling_frontiers_point_only_under_the_same_settings(tmp_path):
+    from studies.frontier.run import Frontier, RunKey
+
+    first = Frontier(_toy_frontier(name="a"), tmp_path / "a")
+    key = RunKey("full", 1e-3, 0)
+    method = first.frontier.methods[1]
+    point_id = key.point_id(1.0)
+    first.write_point({"id": point_id, "settings": first.settings_digest(method, key, 1.0), "task": 0.5}, {"task": [{"correct": True}]})
+    # the same method, LR, seed and design under another name (with one more method): copied, items too
+    second = Frontier(_toy_frontier(name="b", reuse_from=["a"], methods=[*_toy_frontier().methods, {"name": "osf", "overrides": ["loki=off", "lora=osf"], "lrs": [1e-4]}]),
+                      tmp_path / "b")
+    digest = second.settings_digest(second.frontier.methods[1], key, 1.0)
+    assert digest == first.settings_digest(method, key, 1.0)
+    assert second.reuse(point_id, digest)["task"] == 0.5
+    assert json.loads((tmp_path / "b" / "items" / f"{point_id}.json").read_text()) == {"task": [{"correct": True}]}
+    # another budget: another digest, so nothing is copied and the point is made anew
+    third = Frontier(_toy_frontier(name="c", reuse_from=["a"], steps=5), tmp_path / "c")
+    assert third.reuse(point_id, third.settings_digest(third.frontier.methods[1], key, 1.0)) is None
+    assert not (tmp_path / "c" / "points" / f"{point_id}.json").exists()
+

@@ -57,7 +57,7 @@ def test_resolve_positions_runs_no_attribution_for_the_controls(strategy, tmp_pa
     cfg = OmegaConf.create(
         {
             "model": {"name": "tiny"},
-            "loki": {"q": 0.1, "positions": None, "scores": str(missing_store), "analyse_if_missing": False, "strategy": strategy, "seed": 0, "score": "abs"},
+            "loki": {"q": 0.1, "positions": None, "scores": str(missing_store), "analyse_if_missing": False, "strategy": strategy, "seed": 0, "score": "abs", "quota": "uniform"},
         }
     )
     positions, source = resolve_positions(cfg, model, tokenizer=None)

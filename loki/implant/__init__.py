@@ -17,6 +17,7 @@ from loki.implant.model import (
     IMPLS,
     LokiHandle,
     attach_optimizer,
+    attach_row_scales,
     check_optimizer_holds,
     check_options,
     check_precision,
@@ -25,6 +26,7 @@ from loki.implant.model import (
     install,
     merge,
     positions_digest,
+    soft_scales,
 )
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "LokiHandle",
     "RowGuard",
     "attach_optimizer",
+    "attach_row_scales",
     "base_digest",
     "check_optimizer_holds",
     "check_options",
@@ -51,4 +54,5 @@ __all__ = [
     "row_mask",
     "save_adapter",
     "save_peft_adapter",
+    "soft_scales",
 ]

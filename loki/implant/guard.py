@@ -152,3 +152,38 @@ def mask_gradient(drop_rows: torch.Tensor):
         return grad.masked_fill(drop, 0)
 
     return hook
+
+
+class RowStepScale:
+    """Per-row learning rates for selected rows (soft selection): after each optimizer step, every selected
+    row is set to `before + s * (after - before)`, so its whole update (gradient step, momentum, weight
+    decay) is scaled by its own factor s. For SGD and Adam(W) that is exactly a per-row learning rate.
+
+    entries: (parameter, rows, scales) with rows the indices of the selected rows in the parameter's first
+    dimension (None: every row, as for LokiDownProj's [k, F] block) and scales one factor per row."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, entries: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]):
+        self.optimizer = optimizer
+        self.entries = [(p, None if rows is None else rows.to(p.device), scales.to(device=p.device, dtype=p.dtype)[:, None]) for p, rows, scales in entries]
+        self.before: list[torch.Tensor] = []
+        self.handles: list[RemovableHandle] = [optimizer.register_step_pre_hook(self._pre_step), optimizer.register_step_post_hook(self._post_step)]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        with torch.no_grad():
+            self.before = [(p.detach().clone() if rows is None else p.detach().index_select(0, rows)) for p, rows, _ in self.entries]
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        with torch.no_grad():
+            for (p, rows, scales), before in zip(self.entries, self.before):
+                after = p if rows is None else p.index_select(0, rows)
+                scaled = before + scales * (after - before)
+                if rows is None:
+                    p.copy_(scaled)
+                else:
+                    p.index_copy_(0, rows, scaled)
+        self.before = []

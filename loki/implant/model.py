@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from loki.arch import Dims, decoder_layers, dims
 from loki.errors import LokiError
-from loki.implant.guard import RowGuard, mask_gradient
+from loki.implant.guard import RowGuard, RowStepScale, mask_gradient
 from loki.implant.layer import LokiDownProj, row_mask
 from loki.positions import Positions, load_positions, validate_positions
 
@@ -47,6 +47,7 @@ class LokiHandle:
     masked_weights: list[torch.Tensor] = field(default_factory=list)
     row_indices: list[torch.Tensor] = field(default_factory=list)  # sorted selected rows, per layer with k>0
     guards: list[RowGuard] = field(default_factory=list)
+    step_scales: list[RowStepScale] = field(default_factory=list)
     merged: bool = False
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -202,6 +203,31 @@ def attach_optimizer(handle: LokiHandle, optimizer: torch.optim.Optimizer) -> No
     handle.guards.append(RowGuard(optimizer, selected, unselected))
 
 
+def soft_scales(positions: Positions) -> list[list[float]]:
+    """Soft selection's per-row factors: in each layer's list (rank order, most clearly unimportant first),
+    row i of k' gets 1 - i/k', from 1 down to 1/k' (their sum is (k'+1)/2: about k rows' worth at k' = 2k)."""
+    return [[1.0 - i / len(rows) for i in range(len(rows))] for rows in positions]
+
+
+def attach_row_scales(handle: LokiHandle, optimizer: torch.optim.Optimizer, scales: Sequence[Sequence[float]]) -> None:
+    """Scale each selected row's updates by `scales` (aligned with `handle.positions`, layer by layer) in
+    every step of `optimizer` (RowStepScale). impl=hook and rows; LoRA on the rows has no per-row update."""
+    if handle.mode == "lora":
+        raise LokiError("per-row learning rates (loki.soft) apply to the rows themselves, not to LoRA on them; use lora.rank=0.")
+    if any(s.optimizer is optimizer for s in handle.step_scales):
+        return
+    if len(scales) != len(handle.positions) or any(len(a) != len(b) for a, b in zip(scales, handle.positions)):
+        raise LokiError("the per-row scales must have one factor per selected row of every layer.")
+    entries = []
+    tensors = handle.masked_weights if handle.mode == "hook" else [m.rows for m in handle.model.modules() if isinstance(m, LokiDownProj)]
+    layers = [(rows, factors) for rows, factors in zip(handle.positions, scales) if rows]
+    for tensor, index, (rows, factors) in zip(tensors, handle.row_indices, layers):
+        by_row = dict(zip(rows, factors))
+        ordered = torch.tensor([by_row[r] for r in index.tolist()], dtype=torch.float32)  # aligned with the sorted index
+        entries.append((tensor, index if handle.mode == "hook" else None, ordered))
+    handle.step_scales.append(RowStepScale(optimizer, entries))
+
+
 def check_optimizer_holds(handle: LokiHandle, optimizers: Sequence[torch.optim.Optimizer]) -> None:
     """LokiError if the optimizers do not hold every parameter LoKI made trainable."""
     held = {id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]}
@@ -219,7 +245,7 @@ def merge(model: nn.Module, handle: LokiHandle) -> nn.Module:
     removed. All parameters are left frozen (requires_grad=False). Idempotent; returns `model`."""
     if handle.merged:
         return model
-    for guard in handle.guards:
+    for guard in [*handle.guards, *handle.step_scales]:
         guard.remove()
     for hook in handle.grad_hooks:
         hook.remove()
@@ -228,7 +254,7 @@ def merge(model: nn.Module, handle: LokiHandle) -> nn.Module:
     for layer in decoder_layers(model):
         if isinstance(layer.mlp.down_proj, LokiDownProj):
             layer.mlp.down_proj = layer.mlp.down_proj.merged_linear()
-    handle.guards, handle.grad_hooks = [], []
+    handle.guards, handle.grad_hooks, handle.step_scales = [], [], []
     handle.merged = True
     return model
 

@@ -16,6 +16,7 @@ from loki.errors import LokiError
 from loki.implant import (
     LokiHandle,
     attach_optimizer,
+    attach_row_scales,
     check_optimizer_holds,
     check_options,
     install,
@@ -57,8 +58,12 @@ class LokiCallback(pl.Callback):
         lora_alpha: float | None = None,
         lora_dropout: float = 0.0,
         model_name: str | None = None,
+        row_scales=None,
     ):
         check_options(impl, lora_rank, lora_alpha, lora_dropout)
+        if row_scales is not None and lora_rank:
+            raise LokiError("per-row learning rates (loki.soft) apply to the rows themselves, not to LoRA on them; use lora.rank=0.")
+        self.row_scales = row_scales  # soft selection: one update factor per selected row (positions' order), or None
         if OmegaConf.is_config(positions):  # hydra.utils.instantiate passes a ListConfig by default
             positions = OmegaConf.to_container(positions, resolve=True)
         self.positions = load_positions(positions)  # unreadable / non-JSON files fail at construction
@@ -106,6 +111,8 @@ class LokiCallback(pl.Callback):
         self._check_master_precision()
         check_optimizer_holds(self.handle, trainer.optimizers)
         for optimizer in trainer.optimizers:
+            if self.row_scales is not None:  # first: its snapshot must precede the guard's weight decay, so the decay is scaled too
+                attach_row_scales(self.handle, optimizer, self.row_scales)
             attach_optimizer(self.handle, optimizer)
 
     def _check_master_precision(self) -> None:

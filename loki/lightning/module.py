@@ -1,9 +1,10 @@
 """The fine-tuning LightningModule (the attribution predict loop is `loki.lightning.attribution.KVAModule`).
 
 The fine-tuning module is deliberately plain: the HF model lives at `self.model` (where LokiCallback
-finds it), the loss is the model's own causal-LM loss over `labels` (-100 = ignored), and the optimizer
-is built over every parameter that still requires a gradient, so whatever LoKI, LoRA or nothing left
-trainable is what trains.
+finds it), the loss is the causal-LM loss over `labels` (-100 = ignored), and the optimizer is built over
+every parameter that still requires a gradient, so whatever LoKI, LoRA or nothing left trainable is what
+trains. `loss` (LossConfig) may compute that loss with the output head on labelled positions only, and
+may add a KL anchor to the base model's distributions on fixed prompts (loki.losses), for every method.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 from torch import nn
 
 from loki.errors import LokiError
-from loki.schema import LrScheduleConfig
+from loki.losses import AnchorTargets, anchor_kl, labelled_lm_loss
+from loki.schema import LossConfig, LrScheduleConfig
 
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -52,6 +54,8 @@ class CausalLMModule(pl.LightningModule):
         model: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_schedule: LrScheduleConfig | Mapping[str, Any] | None = None,
+        loss: LossConfig | Mapping[str, Any] | None = None,
+        anchor: AnchorTargets | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -60,6 +64,11 @@ class CausalLMModule(pl.LightningModule):
             lr_schedule = LrScheduleConfig(kind="constant", warmup_ratio=0.0)
         self.lr_schedule = lr_schedule if isinstance(lr_schedule, LrScheduleConfig) else LrScheduleConfig(**lr_schedule)
         warmup_decay_lambda(0, 1, self.lr_schedule.kind)  # a bad kind fails at construction
+        self.loss_config = loss if isinstance(loss, LossConfig) else LossConfig(**(loss or {}))
+        if float(self.loss_config.anchor_weight) > 0 and anchor is None:
+            raise LokiError("loss.anchor_weight > 0 needs the base model's anchor distributions (loki.losses.anchor_targets).")
+        self.anchor = anchor
+        self._anchor_order: torch.Tensor | None = None  # a seeded permutation of the anchor prompts, walked in batches
 
     def on_fit_start(self) -> None:
         # from_pretrained returns eval mode, retention "before" may leave it so, and Lightning keeps module
@@ -71,6 +80,8 @@ class CausalLMModule(pl.LightningModule):
         return self.model(**batch)
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.loss_config.logits == "labelled":
+            return labelled_lm_loss(self.model, batch)
         # position_ids: packed rows restart positions at each example (loki.data.chat packing)
         out = self.model(
             input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"), labels=batch["labels"]
@@ -79,8 +90,23 @@ class CausalLMModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        weight = float(self.loss_config.anchor_weight)
+        if weight > 0:
+            kl = anchor_kl(self.model, self.anchor.batch(self._anchor_rows(self.global_step)))
+            self.log("train/anchor_kl", kl, batch_size=size)
+            loss = loss + weight * kl
         return loss
+
+    def _anchor_rows(self, step: int) -> torch.Tensor:
+        """The anchor prompts of optimizer step `step`: consecutive slices of one seeded permutation, so a
+        resumed run reads the same prompts at the same step."""
+        count, per_step = len(self.anchor), min(int(self.loss_config.anchor_batch), len(self.anchor))
+        if self._anchor_order is None:
+            self._anchor_order = torch.randperm(count, generator=torch.Generator().manual_seed(int(self.loss_config.anchor_seed)))
+        start = (step * per_step) % count
+        return self._anchor_order[(torch.arange(per_step) + start) % count]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)

@@ -1,4 +1,4 @@
-"""`python -m studies.frontier frontier=<name> [shard=i/n] [report_only=true] [publish=true]`: compose conf/frontier.yaml,
+"""`python -m studies.frontier frontier=<name> [shard=i/n] [report_only=true] [publish=true] [restore=true]`: compose conf/frontier.yaml,
 check it, run this process's share of the design, write the report (studies/frontier/run.py)."""
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def main(cfg: DictConfig) -> None:
         out = Path(str(cfg.out)).expanduser()
         shard, report_only = str(cfg.shard), checks.boolean("report_only", cfg.report_only)
         publish = checks.boolean("publish", cfg.publish)
+        restore = checks.boolean("restore", cfg.restore)
         logger = None
         checks.one_of("logger", cfg.logger, ("none", "wandb"))
         if cfg.logger == "wandb":
@@ -37,7 +38,7 @@ def main(cfg: DictConfig) -> None:
 
             logger = wandb.init(project=str(cfg.wandb_project), name=f"frontier-{frontier.name}", config=OmegaConf.to_container(cfg.frontier, resolve=True))
         GlobalHydra.instance().clear()
-        run_frontier(frontier, out, shard, report_only, logger, publish)
+        run_frontier(frontier, out, shard, report_only, logger, publish, restore)
     except LokiError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -110,6 +110,33 @@ def _status_lines(frontier: FrontierConfig, state: Mapping[str, Any], speed: Map
     return lines + [""]
 
 
+def restore(frontier: FrontierConfig, out: Path, docs_dir: Path = DOCS_DIR) -> int:
+    """Write the published points (`docs_dir/frontier_data/<name>/`) that `out` lacks back into it, with their
+    items, so that a fresh clone resumes where the committed page stopped; returns how many were written.
+    The base is not restored: it is measured again (deterministically), with the base distributions the
+    KL of new points needs. A restored point keeps its settings digest, so it is reused only if the design
+    still makes it the same way."""
+    from loki.files import write_atomic
+
+    data = docs_dir / "frontier_data" / str(frontier.name)
+    if not (data / "points.jsonl").is_file():
+        return 0
+    written = 0
+    for line in (data / "points.jsonl").read_text().splitlines():
+        point = json.loads(line)
+        point_id = str(point.get("id"))
+        target = out / "points" / f"{point_id}.json"
+        items = data / "items" / f"{point_id}.json"
+        if point_id == "base" or target.exists() or not items.is_file():
+            continue
+        (out / "items").mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "items" / items.name, items.read_bytes())
+        write_atomic(target, json.dumps(point, indent=1, sort_keys=True).encode())
+        written += 1
+    return written
+
+
 def publish(frontier: FrontierConfig, out: Path, points: Sequence[Mapping[str, Any]], docs_dir: Path = DOCS_DIR) -> Path:
     """Copy the raw points, items and picture into `docs_dir` and write `frontier_<name>.md` there."""
     name = str(frontier.name)

@@ -88,6 +88,7 @@ class FrontierConfig:
     n_boot: Any = 1000             # bootstrap replicates of the intervals
     task_val: Any = False          # also score each trained run on the task's validation items (to choose an LR by them; the tables do not read it)
     threads: Any = 1               # torch threads per process (one process per core is faster on small matrices)
+    reuse_from: Any = field(default_factory=list)  # other frontiers' names (folders beside this one) whose points of the same settings are copied, not remade
 
     def __post_init__(self) -> None:
         k = checks.key
@@ -115,6 +116,7 @@ class FrontierConfig:
             checks.fail(k("alphas"), "a list of numbers in (0, 1)", self.alphas)
         checks.integer(k("interpolate_top"), self.interpolate_top, low=0)
         checks.string_list(k("overrides"), self.overrides, optional=False)
+        checks.string_list(k("reuse_from"), self.reuse_from, optional=False)
         for measure in self.measures:
             checks.one_of(k("measures"), measure, ("kl", "lm_loss_delta", "avg"))
         if self.levels is not None and not (isinstance(self.levels, (list, tuple)) and all(isinstance(v, (int, float)) for v in self.levels)):
@@ -264,7 +266,7 @@ class Frontier:
 
     def reuse(self, point_id: str, digest: str) -> dict | None:
         path = self.point_path(point_id)
-        if not path.is_file():
+        if not path.is_file() and not self.copy_from_siblings(point_id, digest):
             return None
         point = json.loads(path.read_text())
         if point.get("settings") != digest:
@@ -273,6 +275,23 @@ class Frontier:
                 "use another frontier.name (or out=...) or delete that point to remake it."
             )
         return point
+
+    def copy_from_siblings(self, point_id: str, digest: str) -> bool:
+        """Copy point `point_id` (and its items) from a `reuse_from` frontier where it was made with exactly
+        this point's settings (the same digest: model, task, budget, overrides, eval, method, LR, seed, alpha)."""
+        for name in self.frontier.reuse_from:
+            other = self.out.parent / name
+            source = other / "points" / f"{point_id}.json"
+            if not source.is_file() or json.loads(source.read_text()).get("settings") != digest:
+                continue
+            items = other / "items" / f"{point_id}.json"
+            if not items.is_file():
+                continue
+            point = json.loads(source.read_text())
+            self.write_point(point, json.loads(items.read_text()))
+            log.info("frontier %s: point %s reused from frontier %s (same settings).", self.frontier.name, point_id, name)
+            return True
+        return False
 
     def write_point(self, point: dict, items: dict) -> None:
         from loki.files import write_atomic
@@ -517,7 +536,11 @@ def _log_wandb(logger: Any, points: list[dict]) -> None:
 
 
 def main(frontier: FrontierConfig, out: Path, shard: str = "0/1", report_only: bool = False, logger: Any = None,
-         publish: bool = False) -> Path:
+         publish: bool = False, restore: bool = False) -> Path:
+    if restore:  # the committed points first (docs/frontier_data/<name>/), so a fresh clone resumes where they stopped
+        from studies.frontier.publish import restore as restore_points
+
+        log.info("frontier %s: %d published points restored into %s", frontier.name, restore_points(frontier, out), out)
     runner = Frontier(frontier, out, parse_shard(shard))
     started, cpu = time.time(), os.times()
     points = runner.collect() if report_only else runner.run()
