@@ -5,6 +5,7 @@ files; and the report (studies.frontier.report) built from them."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import numpy as np
@@ -331,3 +332,29 @@ def test_items_written_by_run_retention_reproduce_recorded_points(tmp_path):
             cell = stats.matched_table(points, items, [level], measure, n_boot=50, task_key=task_key)["m"][0]
             assert cell["estimate"] == min(stats.forgetting_value(p, measure) for p in points)
             assert cell["low"] <= cell["high"] < math.inf
+
+
+def test_one_se_lr_takes_the_smallest_lr_within_one_standard_error_of_the_best():
+    from studies.frontier.stats import one_se_lr
+
+    def run(lr, val, seed=0, alpha=1.0):
+        return {"method": "m", "lr": lr, "seed": seed, "alpha": alpha, "task_val": val, "n_task": 100}
+
+    # best 0.5 over 100 questions: SE 0.05, so >= 0.45 qualifies; 1e-3 (0.46) is the smallest such LR
+    points = [run(1e-4, 0.30), run(1e-3, 0.46), run(1e-2, 0.50), run(1e-2, 0.9, alpha=0.5)]
+    assert one_se_lr(points, "m") == 1e-3
+    # seeds are averaged: 1e-3's mean falls to 0.43, below the threshold
+    assert one_se_lr([*points, run(1e-3, 0.40, seed=1)], "m") == 1e-2
+    assert one_se_lr(points, "other") is None
+
+
+def test_smollm135m_lr_defaults_are_the_verdict_grids_one_se_lrs():
+    """conf/model/smollm135m.yaml's loki_lr and finetune_lr are what the committed grid gives (issue 19)."""
+    from studies.frontier.stats import one_se_lr
+    from tests.conftest import compose_config
+
+    root = Path(__file__).resolve().parents[1]
+    points = [json.loads(line) for line in (root / "docs" / "frontier_data" / "smollm135m" / "points.jsonl").read_text().splitlines()]
+    model = compose_config("train", "model=smollm135m").model
+    assert one_se_lr(points, "loki-q0.1") == model.loki_lr == 3e-3
+    assert one_se_lr(points, "full") == model.finetune_lr == 1e-4

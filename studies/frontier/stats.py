@@ -419,3 +419,24 @@ def separated(a: Sequence[float] | None, b: Sequence[float] | None) -> bool:
 
 def method_pairs(methods: Iterable[str]) -> list[tuple[str, str]]:
     return list(itertools.combinations(list(methods), 2))
+
+
+def one_se_lr(points: Iterable[Mapping[str, Any]], method: str) -> float | None:
+    """The LR a frontier recommends for `method`: the smallest LR of its grid whose validation accuracy (mean
+    over seeds of its trained runs) is within one standard error of the grid's best, SE = sqrt(p (1 - p) / n)
+    at the best accuracy p over its n validation questions (the one-standard-error rule: as good as the best,
+    within noise, at the smallest step, which forgets least). None when no run of `method` has a validation
+    accuracy."""
+    by_lr: dict[float, list[float]] = {}
+    n = None
+    for point in points:
+        if point.get("method") != method or float(point.get("alpha", 1.0)) != 1.0 or point.get("task_val") is None:
+            continue
+        by_lr.setdefault(float(point["lr"]), []).append(float(point["task_val"]))
+        n = int(point.get("n_task_val") or point.get("n_task") or 0)
+    if not by_lr or not n:
+        return None
+    mean = {lr: sum(v) / len(v) for lr, v in by_lr.items()}
+    best = max(mean.values())
+    threshold = best - math.sqrt(best * (1.0 - best) / n)
+    return min(lr for lr, value in mean.items() if value >= threshold)
