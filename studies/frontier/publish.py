@@ -167,7 +167,9 @@ def publish(frontier: FrontierConfig, out: Path, points: Sequence[Mapping[str, A
               f"python -m studies.frontier frontier={name} shard=0/2 &   # two processes, one per core",
               f"python -m studies.frontier frontier={name} shard=1/2",
               f"python -m studies.frontier frontier={name} report_only=true publish=true   # this page", "```", "",
-              "A stopped frontier resumes: every measured point is reused.", "",
+              "A stopped frontier resumes: every measured point is reused. To go on from the points committed here "
+              f"instead of remaking them, start both processes with `restore=true` (for example `python -m studies.frontier "
+              f"frontier={name} restore=true shard=0/2`): it copies them into the output folder first.", "",
               "## Time", "",
               f"CPU time of the measured points (one thread each, summed from their own timings): {_hours(speed['cpu_seconds'])} "
               f"for {speed['runs']} trained runs and {speed['interpolations']} interpolation points, plus {base.get('seconds', 0):.0f} s for the base "
