@@ -252,6 +252,11 @@ def _check_export(c: _Checker) -> None:
     if not isinstance(value, dict):
         c.fail("export", "a block {format: full|adapter|none} (export.format=...)", value)
     fmt = c.one_of("export.format", EXPORT_FORMATS)
+    alpha = value.get("alpha", 1.0)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
+        c.fail("export.alpha", "a number in (0, 1]: the run's share of theta_0 + alpha (theta_run - theta_0), 1 for the run itself", alpha)
+    if alpha != 1 and fmt == "adapter":
+        c.fail("export.format", "full or none with export.alpha < 1 (an interpolated run is exported whole)", fmt)
     if fmt == "adapter" and not c.get("loki.enabled"):
         if int(c.get("lora.rank") or 0) == 0:
             c.fail("export.format", "full or none for a full fine-tuning (loki=off without LoRA changes every weight, so it has no adapter)", fmt)

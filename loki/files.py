@@ -27,6 +27,27 @@ def exclusive_lock(lock_path: str | os.PathLike):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def try_lock(lock_path: str | os.PathLike):
+    """Try to take an exclusive advisory lock on `lock_path` (created if missing) without waiting: yields
+    True (held for the `with` block) or False (another process holds it). The system drops the lock of a
+    process that dies, so a claim left by a crashed process is free again."""
+    import fcntl
+
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to a temporary sibling, then rename: readers see the old file or the whole new one."""
     path = Path(path)

@@ -198,7 +198,35 @@ def train(cfg: DictConfig) -> tuple[dict, Setup | None]:
     if built.peft_lora and export_format(cfg.export) == "adapter":  # peft's own adapter, before plain_model merges it
         save_peft_adapter(built.gathered_model if built.gathered_model is not None else module.model, built.run_dir / "adapter", cfg.model.name)
     model = plain_model(module, built)
+    interpolate_run(cfg, built, model)
     return finish(cfg, built, model, retention_before, trainer, started), built
+
+
+def export_alpha(cfg: DictConfig) -> float:
+    """`export.alpha` (1.0 when absent or for the older export=true|false)."""
+    value = cfg.get("export")
+    return float(value.get("alpha", 1.0)) if hasattr(value, "get") else 1.0
+
+
+def interpolate_run(cfg: DictConfig, setup: Setup, model: nn.Module) -> None:
+    """With `export.alpha` < 1, pull the trained model back to theta_0 + alpha (theta_run - theta_0) in place,
+    before it is evaluated and exported: a frontier's interpolation point as a model of its own (issue 20),
+    computed as the frontier computes it. theta_0 is the base as loaded again (PiSSA and CorDA rewrote the
+    copy they trained)."""
+    alpha = export_alpha(cfg)
+    if alpha == 1.0:
+        return
+    from loki.interpolate import weight_delta
+    from loki.models import load_model_and_tokenizer
+
+    base, _ = load_model_and_tokenizer(cfg.model)
+    run_state = model.state_dict()
+    delta = weight_delta({name: value.to(run_state[name].device) if name in run_state else value
+                          for name, value in base.state_dict().items()}, run_state)
+    del base, run_state
+    delta.apply(model, alpha)
+    log.info("export.alpha=%g: the run evaluated and exported is theta_0 + %g (theta_run - theta_0) (%d tensors changed).",
+             alpha, alpha, len(delta.tensors))
 
 
 def trainer_options(cfg: DictConfig, setup: Setup) -> dict:
@@ -529,6 +557,7 @@ def finish(cfg: DictConfig, setup: Setup, model: nn.Module, retention_before: di
         "positions_source": setup.positions_source,
         "trainable": setup.loki_callback.summary() if setup.loki_callback else setup.notes["trainable"],
         "steps": int(trainer.global_step),
+        "export_alpha": export_alpha(cfg),  # < 1: what is evaluated and exported is the run pulled back towards the base
     }
     val_loss = trainer.callback_metrics.get("val/loss")  # the last validation's loss: what an LR grid picks on
     metrics["val_loss"] = float(val_loss) if val_loss is not None else None

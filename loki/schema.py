@@ -210,7 +210,7 @@ class TrainSchema:
     lr_schedule: LrScheduleConfig = field(default_factory=LrScheduleConfig)  # the LR after warm-up
     loss: LossConfig = field(default_factory=LossConfig)  # how the training loss is computed, and an optional KL anchor to the base
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)  # which measurements the run makes
-    export: Any = field(default_factory=lambda: {"format": "full"})  # full: <run dir>/model | adapter: only the trained rows | none
+    export: Any = field(default_factory=lambda: {"format": "full", "alpha": 1.0})  # format: full (<run dir>/model) | adapter (only the trained rows) | none; alpha < 1: evaluate and export theta_0 + alpha (theta_run - theta_0)
     telemetry: Any = True          # with a logger: tokens/s, grad norm and peak memory during training
     model: Any = None
     task: Any = None

@@ -181,6 +181,12 @@ def test_export_config_checks(monkeypatch):
     check_train_config(compose_config("train", *base, "loki=off", "lora=r16", "export.format=adapter"))
     with pytest.raises(LokiError, match=r"lora.variant=pissa"):
         check_train_config(compose_config("train", *base, "loki=off", "lora=pissa", "export.format=adapter"))
+    check_train_config(compose_config("train", *base, "export.alpha=0.5"))
+    for bad in ("0", "1.5", "true"):
+        with pytest.raises(LokiError, match=r"^export.alpha must be a number in \(0, 1\]"):
+            check_train_config(compose_config("train", *base, f"export.alpha={bad}"))
+    with pytest.raises(LokiError, match=r"export.format must be full or none with export.alpha < 1"):
+        check_train_config(compose_config("train", *base, "export.alpha=0.5", "export.format=adapter"))
 
 
 # ------------------------------------------------------------------------------------ through train.py
@@ -207,3 +213,35 @@ def test_train_py_adapter_export_applies_to_the_base_as_the_full_export(tmp_path
     reloaded = AutoModelForCausalLM.from_pretrained(full_run["export_dir"]).eval()
     ids = _batch(vocab=reloaded.config.vocab_size, seed=1)
     assert torch.equal(_logits(applied, ids), _logits(reloaded, ids))
+
+
+@pytest.mark.slow
+def test_export_alpha_exports_the_interpolation_of_the_run_towards_the_base(tmp_path):
+    """export.alpha=0.5: the exported model is torch.lerp(base, run, 0.5) tensor by tensor, where the run is the
+    same run exported at alpha 1 (same seed); for LoKI every weight outside its rows stays the base's, bit for bit."""
+    from loki.models import load_model_and_tokenizer
+    from loki.positions import save_positions
+    from tests.conftest import run_train
+
+    ROWS = [[3, 9, 40, 63], [0, 7, 8, 31], [1, 2, 50, 60], [5, 6, 11, 12]]
+    positions = save_positions(ROWS, tmp_path / "positions.json")
+    common = (*TINY_RUN, f"paths.cache_dir={tmp_path / 'cache'}", f"loki.positions={positions}", "loki.q=0.0625",
+              "optimizer.lr=1e-2", "export.format=full")
+    whole = run_train(tmp_path / "whole", *common)
+    half = run_train(tmp_path / "half", *common, "export.alpha=0.5")
+    base, _ = load_model_and_tokenizer(compose_config("train", *common).model)
+    run = AutoModelForCausalLM.from_pretrained(whole["export_dir"]).state_dict()
+    got = AutoModelForCausalLM.from_pretrained(half["export_dir"]).state_dict()
+    changed = 0
+    for name, theta_0 in base.state_dict().items():
+        if torch.equal(run[name], theta_0):
+            assert torch.equal(got[name], theta_0), name
+            continue
+        changed += 1
+        assert name.endswith("down_proj.weight"), name
+        assert torch.equal(got[name], torch.lerp(theta_0, run[name], 0.5)), name
+        layer = int(name.split(".layers.")[1].split(".")[0])
+        moved = (run[name] != theta_0).any(dim=1).nonzero().flatten().tolist()
+        assert moved and set(moved) <= set(ROWS[layer]), name
+    assert changed == 4 and half["export_alpha"] == 0.5 and whole["export_alpha"] == 1.0
+

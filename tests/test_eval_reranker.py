@@ -119,6 +119,43 @@ def test_reranker_eval_end_to_end_with_a_stub_model(chat_tokenizer):
         assert got[key] == pytest.approx(value, abs=1e-5), key
 
 
+def test_per_query_values_are_the_hand_computed_ones_and_average_to_the_metric():
+    beir = load_beir(path=BEIR, split="test")
+    scores = {qid: {d: float(v) for d, v in STUB_DIGITS[text].items()} for qid, text in beir.queries.items()}
+    per_query: dict = {}
+    got = retrieval_metrics(scores, beir.qrels, ks=(1, 10), per_query=per_query)
+    assert sorted(per_query) == sorted(beir.queries)  # the fixture's queries in id order match EXPECTED_PER_QUERY's
+    for key, values in EXPECTED_PER_QUERY.items():
+        assert [per_query[q][key] for q in sorted(per_query)] == pytest.approx(values, abs=1e-6), key
+        assert got[key] == pytest.approx(sum(per_query[q][key] for q in per_query) / 3, abs=1e-12)
+
+
+def test_the_task_lists_one_item_per_query_whose_weighted_mean_is_the_primary(chat_tokenizer):
+    """`items`: one row per judged query, the primary metric as `value`; with two sets each query weighs
+    1 / its set's queries, so that the weighted mean is the mean over sets (the unprefixed primary)."""
+    from loki.tasks import Task
+
+    cfg = OmegaConf.merge(OmegaConf.load("conf/task/tiny_rerank.yaml").eval, {"primary": "ndcg@10"})
+    model = StubReranker(chat_tokenizer, load_beir(path=BEIR, split="test").corpus)
+    items: list = []
+    got = Task.from_config(OmegaConf.create({"name": "r", "eval": cfg})).evaluate(model, chat_tokenizer, "test", items=items)
+    assert [row["id"] for row in items] == ["beir/q1", "beir/q2", "beir/q3"]  # <set>/<query>, the set named by its folder
+    assert [row["value"] for row in items] == pytest.approx(EXPECTED_PER_QUERY["ndcg@10"], abs=1e-6)
+    assert got["ndcg@10"] == pytest.approx(sum(row["value"] for row in items) / 3, abs=1e-12)
+
+    from loki.eval.reranker import _query_items
+
+    first = {"a": {"ndcg@10": 1.0}, "b": {"ndcg@10": 0.0}}  # set one: mean 0.5
+    second = {"c": {"ndcg@10": 0.2}}                         # set two: mean 0.2
+    rows = _query_items("one", first, "ndcg@10", True) + _query_items("two", second, "ndcg@10", True)
+    weighted = sum(r["weight"] * r["value"] for r in rows) / sum(r["weight"] for r in rows)
+    assert weighted == pytest.approx((0.5 + 0.2) / 2) and [r["weight"] for r in rows] == [0.5, 0.5, 1.0]
+    assert [r["id"] for r in _query_items("two", second, "two/ndcg@10", True)] == ["two/c"]  # a prefixed primary: its own set
+    assert _query_items("one", first, "two/ndcg@10", True) == []
+    with pytest.raises(LokiError, match="not a metric of the reranker"):
+        _query_items("one", first, "ndcg@5", False)
+
+
 def test_reranker_eval_runs_on_a_tiny_model(chat_tokenizer):
     from tests.conftest import make_tiny_model
 

@@ -76,6 +76,81 @@ def test_a_tiny_frontier_runs_end_to_end_and_resumes(tmp_path):
         main(_toy_frontier(steps=5), out)
 
 
+def test_a_shard_runs_its_share_then_the_missing_runs_no_live_process_holds(tmp_path, monkeypatch):
+    """Shard 0/2 alone: its own runs in order, then its partner's from the end, skipping a run whose claim
+    another process holds (here: this test) and any already measured; the held run is made once its claim
+    is free (its process gone), while the shard waits for the first pass."""
+    from loki.files import try_lock
+    from studies.frontier.run import Frontier, design
+
+    frontier = _toy_frontier(methods=[{"name": "full", "overrides": ["loki=off"], "lrs": [1e-4, 2e-4, 3e-4, 4e-4, 5e-4]}],
+                             alphas=[], interpolate_top=0)
+    runner = Frontier(frontier, tmp_path, shard=(0, 2))
+    made = []
+
+    def fake_run(key, alphas):  # writes the unit's point files, as a measured run does
+        made.append(key.lr)
+        for a in (1.0, *alphas):
+            runner.point_path(key.point_id(a)).parent.mkdir(parents=True, exist_ok=True)
+            runner.point_path(key.point_id(a)).write_text("{}")
+
+    monkeypatch.setattr(runner, "run_unit", fake_run)
+    units = design(frontier)  # lrs 1e-4 .. 5e-4: shard 0 has 1, 3, 5; its partner 2, 4
+    fake_run(*units[3])        # 4e-4 is measured already
+    made.clear()
+    with try_lock(runner.claim_path(units[1][0])) as held:  # 2e-4 is held by a live process
+        assert held
+        runner.run_share(units)
+        assert made == [1e-4, 3e-4, 5e-4]
+        with try_lock(runner.claim_path(units[1][0])) as again:
+            assert not again  # a second claim on a held run fails without waiting
+    monkeypatch.setattr(runner, "collect", lambda: [])
+    runner.wait_for_first_pass(poll_seconds=0)  # the claim is free now: the run is made, and nothing waits
+    assert made == [1e-4, 3e-4, 5e-4, 2e-4] and not runner.missing(units)
+
+
+def test_a_base_measured_under_other_eval_settings_is_refused(tmp_path):
+    """base.json carries the digest of the settings it was measured under (model, task, overrides, eval);
+    a design whose settings differ is refused rather than compared with a stale base."""
+    from studies.frontier.run import Frontier
+
+    runner = Frontier(_toy_frontier(), tmp_path)
+    other = Frontier(_toy_frontier(overrides=["task.facts.seed=1", "task.facts.lands=3"]), tmp_path)
+    assert runner.base_digest() != other.base_digest()
+    assert runner.base_digest() == Frontier(_toy_frontier(steps=9, methods=_toy_frontier().methods[1:]), tmp_path).base_digest()
+    (tmp_path / "base.json").write_text(json.dumps({"settings": other.base_digest(), "task_metrics": {}}))
+    with pytest.raises(LokiError, match="were made with other model, task or eval settings"):
+        runner.base()
+    assert other.base()["settings"] == other.base_digest()
+    (tmp_path / "base.json").write_text(json.dumps({"task_metrics": {}}))  # written before the digest: taken as is
+    assert Frontier(_toy_frontier(), tmp_path).base() == {"task_metrics": {}}
+
+
+@pytest.mark.slow
+def test_a_ranking_task_frontier_bootstraps_over_its_queries(tmp_path):
+    """The toy reranker (NDCG@10, no graded axis): each point lists one item per query, whose mean is its
+    recorded NDCG@10, and the report's matched table is bootstrapped from them."""
+    from studies.frontier import stats
+    from studies.frontier.run import main
+
+    out = tmp_path / "frontier"
+    frontier = _toy_frontier(task="toy_rerank", steps=2, alphas=[], interpolate_top=0, n_boot=50,
+                             overrides=["task.eval.max_queries=3", "task.eval.batch_size=100", "evaluate.validation_task_metric=false"],
+                             methods=[{"name": "full", "overrides": ["loki=off"], "lrs": [1e-3]}])
+    main(frontier, out)
+    points = {p["id"]: p for p in map(json.loads, (out / "points.jsonl").read_text().splitlines())}
+    assert set(points) == {"base", "full__lr0.001__seed0__a1"}
+    for pid, point in points.items():
+        assert point["task_metric"] == "ndcg@10" and point["n_task"] == 3 and point["task_graded"] is None
+        rows = json.loads((out / "items" / f"{pid}.json").read_text())["task"]
+        assert len(rows) == 3 and sum(r["value"] for r in rows) / 3 == pytest.approx(point["task"], abs=1e-12)
+        assert all(r["value"] == r["ndcg@10"] for r in rows)
+    table = stats.matched_table(list(points.values()), stats.load_items(out), [0.0], "kl", n_boot=50)
+    assert len(table["full"][0]["replicates"]) == 50
+    report = (out / "frontier.md").read_text()
+    assert "against gold log-prob" not in report and "no bootstrap" not in report
+
+
 @pytest.mark.slow
 def test_alpha_zero_is_the_base_and_alpha_one_is_the_run(tmp_path):
     """Measured the way the frontier measures: theta(0) gives KL 0 and the base's task metric exactly,
@@ -101,6 +176,34 @@ def test_alpha_zero_is_the_base_and_alpha_one_is_the_run(tmp_path):
     at_one, _ = runner.measure(model, setup.tokenizer)
     assert at_one["task_metrics"] == trained["task_metrics"] and at_one["retention"] == trained["retention"]
     assert trained["retention"]["retention/toy_kl/kl"] > 0
+
+
+@pytest.mark.slow
+def test_export_point_exports_the_model_the_frontier_measured_at_that_point(tmp_path):
+    """export_point trains the point's run again (same overrides, LR, seed, budget) and exports
+    theta_0 + alpha (theta_run - theta_0): the very weights the runner measured for that point."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loki import recipe
+    from loki.interpolate import weight_delta
+    from studies.frontier.run import Frontier, RunKey, compose_train, export_point, train_overrides
+
+    frontier = _toy_frontier(methods=[{"name": "full", "overrides": ["loki=off"], "lrs": [3e-3]}])
+    runner = Frontier(frontier, tmp_path / "f")
+    key = RunKey("full", 3e-3, 0)
+    _, setup = recipe.train(compose_train(train_overrides(frontier, frontier.methods[0], key, tmp_path / "run")))
+    measured = setup.model.eval()
+    weight_delta(runner.base_state(), measured).apply(measured, 0.5)
+    metrics = export_point(frontier, tmp_path / "f", key.point_id(0.5))
+    assert metrics["export_dir"] == str(tmp_path / "f" / "exports" / "full__lr0.003__seed0__a0.5" / "model")
+    exported = AutoModelForCausalLM.from_pretrained(metrics["export_dir"]).state_dict()
+    for name, value in measured.state_dict().items():
+        assert torch.equal(exported[name], value), name
+    with pytest.raises(LokiError, match="is not a point id"):
+        export_point(frontier, tmp_path / "f", "full__0.003")
+    with pytest.raises(LokiError, match="names method 'lora', which frontier 't' does not have"):
+        export_point(frontier, tmp_path / "f", "lora__lr0.001__seed0__a0.5")
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "frontier").glob("*.yaml")))
@@ -199,7 +302,7 @@ def test_publish_writes_the_page_with_its_status_estimate_and_raw_points(tmp_pat
     monkeypatch.setattr(frontier_run.Frontier, "run_unit", fake_unit)
     monkeypatch.setattr(frontier_run.Frontier, "base", lambda self: {"task_metrics": {"acc": 0.2}, "primary": "acc",
                                                                    "task_metrics_val": {}, "retention": {}, "seconds": 7.0})
-    frontier = _toy_frontier(front_seeds=[1], measures=["kl"])
+    frontier = _toy_frontier(front_seeds=[1], measures=["kl"], variants={"loki-q0.1": "full"}, variants_page="variants_t")
     out = tmp_path / "f"
     runner = frontier_run.Frontier(frontier, out)
     out.mkdir(parents=True)
@@ -219,6 +322,8 @@ def test_publish_writes_the_page_with_its_status_estimate_and_raw_points(tmp_pat
     assert sorted(p.name for p in (data / "items").iterdir()) == ["full__lr0.001__seed0__a1.json", "loki-q0.1__lr0.01__seed0__a1.json"]
     assert len((data / "points.jsonl").read_text().splitlines()) == 3 and (tmp_path / "docs" / "frontier_t.png").is_file()
     assert "## Results" in text and "### " in text  # the report, one heading level down
+    variants = (tmp_path / "docs" / "variants_t.md").read_text()  # the design names variants: their page too
+    assert variants.startswith("# Variants of frontier t") and "**Partial" in variants and "| loki-q0.1 | kl | full |" in variants
     # restore: a fresh clone gets the published points (not the base) back, byte for byte, and a rerun skips them
     from studies.frontier.publish import restore
 

@@ -127,6 +127,28 @@ def test_interval_over_two_prompts_is_hand_computed():
     assert shares == pytest.approx([0.25, 0.5, 0.25], abs=0.05)
 
 
+def test_ranked_queries_weigh_by_their_weight_in_the_task_value_and_its_bootstrap():
+    """A ranking task's items: {"value", "weight"} per query, no logprob. The task value is the weighted mean;
+    with two queries of values 1 and 0 weighing 3 and 1 (0.75), a replicate draws each query 0-2 times, so
+    it gives 1 (q0 twice), 0.75 (each once) or 0 (q1 twice), with probabilities 1/4, 1/2, 1/4."""
+    rows = {"task": [{"id": "s/q0", "value": 1.0, "weight": 3.0}, {"id": "s/q1", "value": 0.0, "weight": 1.0}],
+            "retention": {"kl": [{"kl": 0.2}]}}
+    items = stats.items_from_rows({"p": rows})
+    assert items.points["p"].weight.tolist() == [3.0, 1.0] and np.isnan(items.points["p"].logprob).all()
+    rng = np.random.default_rng(0)
+    task, _ = stats.point_replicates(["p"], items, "kl", "task", 4000, rng)
+    shares = [np.mean(np.isclose(task[0], v)) for v in (1.0, 0.75, 0.0)]
+    assert shares == pytest.approx([0.25, 0.5, 0.25], abs=0.03)
+    cell = stats.matched_table([pt("p", "A", 0.75, 0.2)], items, [0.75], "kl", n_boot=200)["A"][0]
+    assert cell["estimate"] == 0.2 and cell["unreached"] == pytest.approx(0.25, abs=0.1)  # q1 twice: 0 < 0.75
+    with pytest.raises(LokiError, match="records task 0.5 but its items give 0.75"):  # the plain mean is not the value
+        stats.matched_table([pt("p", "A", 0.5, 0.2)], items, [0.5], "kl", n_boot=20)
+    with pytest.raises(LokiError, match="'task_graded' needs each test item's logprob"):
+        stats.point_replicates(["p"], items, "kl", "task_graded", 5, rng)
+    with pytest.raises(LokiError, match="needs 'value' \\(or 'correct'\\)"):
+        stats.items_from_rows({"p": {"task": [{"id": "q"}], "retention": {}}})
+
+
 def test_seed_resampling_when_one_seed_drives_the_min():
     # seed 0 forgets 0.1, seed 1 forgets 0.5, both reach the level: the min is 0.5 only when the draw of
     # two seeds is (1, 1), probability 1/4
@@ -220,7 +242,7 @@ def test_load_items_reads_the_layout_and_refuses_other_items(tmp_path):
     points, items = stats.load_frontier(tmp_path)
     assert ids(points) == ["A__lr0.001__seed0__a1"] and list(items.points) == ["A__lr0.001__seed0__a1"]
     got = items.points["A__lr0.001__seed0__a1"]
-    assert got.correct.tolist() == [True, False] and got.kl["kl"].tolist() == [0.2, 0.4]
+    assert got.value.tolist() == [1.0, 0.0] and got.kl["kl"].tolist() == [0.2, 0.4]
     assert got.nll["text"].tolist() == [3.0] and got.tokens["text"].tolist() == [2.0] and set(got.kl) == {"kl"}
     assert items.base is not None and items.base.nll["text"].tolist() == [2.0]
     cell = stats.matched_table(points, items, [0.5], "lm_loss_delta", n_boot=20)["A"][0]

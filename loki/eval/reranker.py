@@ -129,7 +129,8 @@ def score_pairs(
 
 
 def retrieval_metrics(
-    scores: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mapping[str, int]], ks: Sequence[int] = (1, 10)
+    scores: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mapping[str, int]], ks: Sequence[int] = (1, 10),
+    per_query: dict | None = None,
 ) -> dict[str, float]:
     """`map@k`, `ndcg@k`, `recall@k` and `p@k` exactly as BEIR's `EvaluateRetrieval.evaluate` computes
     them: trec_eval's `map_cut`, `ndcg_cut`, `recall` and `P` (through `pytrec_eval`), averaged over the
@@ -146,6 +147,8 @@ def retrieval_metrics(
       ranking over all judged documents of the query. P@k divides by k even when fewer are ranked.
     - Ties: trec_eval orders equal scores by document id, descending (string order: "d9" before "d10"
       before "d1").
+    With `per_query` (a dict), it also receives each judged query's own values ({query: {metric: value}},
+    in the returned names), whose plain mean is the returned value: what a bootstrap over queries resamples.
     """
     try:
         import pytrec_eval
@@ -162,15 +165,13 @@ def retrieval_metrics(
     run = {q: {str(d): float(v) for d, v in scores[q].items() if str(d) != q} for q in judged}
     cuts = ",".join(str(k) for k in ks)
     measures = {f"map_cut.{cuts}", f"ndcg_cut.{cuts}", f"recall.{cuts}", f"P.{cuts}"}
-    per_query = pytrec_eval.RelevanceEvaluator(judged, measures).evaluate(run)
+    evaluated = pytrec_eval.RelevanceEvaluator(judged, measures).evaluate(run)
     names = {"map": "map_cut_{}", "ndcg": "ndcg_cut_{}", "recall": "recall_{}", "p": "P_{}"}
-    out = {}
-    for k in ks:
-        for key, measure in names.items():
-            # pytrec_eval scores a query with an empty run as 0 already; .get keeps that explicit.
-            total = sum(per_query.get(q, {}).get(measure.format(k), 0.0) for q in judged)
-            out[f"{key}@{k}"] = total / len(judged)
-    return out
+    each = {q: {f"{key}@{k}": evaluated.get(q, {}).get(measure.format(k), 0.0)  # pytrec_eval scores an empty run 0 already
+                for k in ks for key, measure in names.items()} for q in judged}
+    if per_query is not None:
+        per_query.update(each)
+    return {name: sum(values[name] for values in each.values()) / len(judged) for name in next(iter(each.values()))}
 
 
 def _doc_text(doc: Mapping[str, str], use_title: bool) -> str:
@@ -182,7 +183,7 @@ def _doc_text(doc: Mapping[str, str], use_title: bool) -> str:
 NOT_COMPARABLE_KEY = "candidates_judged_not_comparable"
 
 
-def evaluate_reranker(model, tokenizer, cfg: Any, stage: str = "test") -> dict[str, float]:
+def evaluate_reranker(model, tokenizer, cfg: Any, stage: str = "test", items: list | None = None) -> dict[str, float]:
     """Score the candidates of every query of each BEIR set and return the ranking metrics (+ counts).
 
     Sets: `path` (one local BEIR directory) if given, else `sets` (a list of names, hub repos or local
@@ -193,7 +194,13 @@ def evaluate_reranker(model, tokenizer, cfg: Any, stage: str = "test") -> dict[s
     `<set>/num_pairs` its counts; `num_queries` / `num_pairs` are totals. `candidates=judged` adds
     `candidates_judged_not_comparable: 1.0`.
 
-    `stage="val"` reads `val_sets` / `val_split` / `val_max_queries` instead of `sets` / `split` / `max_queries`."""
+    `stage="val"` reads `val_sets` / `val_split` / `val_max_queries` instead of `sets` / `split` / `max_queries`.
+
+    With `items` (a list), one row per judged query is appended, so that the primary metric (`cfg.primary`,
+    e.g. `ndcg@10` or `<set>/ndcg@10`) can be bootstrapped over queries: {"id": "<set>/<query>", "value": the
+    query's primary metric, "weight": 1 / the judged queries of its set}, and its other metrics. The primary
+    equals sum(weight * value) / sum(weight) over the rows (for one set, their plain mean); a prefixed primary
+    lists its own set's queries only."""
     from loki.data.beir import LB_EVAL_SETS, load_beir
     from loki.tasks import settings_of
 
@@ -221,7 +228,11 @@ def evaluate_reranker(model, tokenizer, cfg: Any, stage: str = "test") -> dict[s
             top_n=cfg.top_n,
             seed=int(cfg.seed),
         )
-        per_set[_unique(beir.name or "beir", per_set)] = _evaluate_set(model, tokenizer, beir, cfg)
+        set_name = _unique(beir.name or "beir", per_set)
+        per_query: dict = {}
+        per_set[set_name] = _evaluate_set(model, tokenizer, beir, cfg, per_query)
+        if items is not None:
+            items.extend(_query_items(set_name, per_query, str(cfg.primary), len(sets) > 1))
     metric_keys = [k for k in next(iter(per_set.values())) if k not in ("num_queries", "num_pairs")]
     out = {k: sum(m[k] for m in per_set.values()) / len(per_set) for k in metric_keys}
     out["num_queries"] = float(sum(m["num_queries"] for m in per_set.values()))
@@ -242,14 +253,25 @@ def _unique(name: str, taken: Mapping[str, Any]) -> str:
     return out
 
 
-def _evaluate_set(model, tokenizer, beir, cfg: Any) -> dict[str, float]:
+def _query_items(set_name: str, per_query: Mapping[str, Mapping[str, float]], primary: str, several: bool) -> list[dict]:
+    """The per-query rows of one set (`evaluate_reranker`'s `items`); none when the primary names another set."""
+    prefix, _, metric = primary.rpartition("/")
+    if prefix and (prefix != set_name or not several):
+        return []
+    if metric not in next(iter(per_query.values()), {metric: 0.0}):
+        raise LokiError(f"task.eval.primary={primary!r} is not a metric of the reranker (ndcg@k, map@k, recall@k or p@k for k in task.eval.ks).")
+    return [{"id": f"{set_name}/{q}", "value": values[metric], "weight": 1.0 / len(per_query), **values}
+            for q, values in per_query.items()]
+
+
+def _evaluate_set(model, tokenizer, beir, cfg: Any, per_query: dict | None = None) -> dict[str, float]:
     keys = [(q, d) for q, docs in beir.candidates.items() for d in docs]
     pairs = [(beir.queries[q], _doc_text(beir.corpus[d], bool(cfg.use_title))) for q, d in keys]
     values = score_pairs(model, tokenizer, pairs, int(cfg.batch_size), int(cfg.max_length), check_score(cfg.score))
     scores: dict[str, dict[str, float]] = {q: {} for q in beir.queries}
     for (q, d), value in zip(keys, values.tolist()):
         scores[q][d] = value
-    metrics = retrieval_metrics(scores, beir.qrels, tuple(int(k) for k in cfg.ks))
+    metrics = retrieval_metrics(scores, beir.qrels, tuple(int(k) for k in cfg.ks), per_query)
     metrics["num_queries"] = float(len(beir.queries))
     metrics["num_pairs"] = float(len(pairs))
     return metrics

@@ -73,4 +73,4 @@ class Evaluator(TaskEvaluator):
     def evaluate(self, model, tokenizer, stage: str = "test", items: list | None = None) -> dict[str, float]:
         from loki.eval.reranker import evaluate_reranker
 
-        return evaluate_reranker(model, tokenizer, self.config, stage)
+        return evaluate_reranker(model, tokenizer, self.config, stage, items=items)

@@ -1,5 +1,6 @@
 """`python -m studies.frontier frontier=<name> [shard=i/n] [report_only=true] [publish=true] [restore=true]`: compose conf/frontier.yaml,
-check it, run this process's share of the design, write the report (studies/frontier/run.py)."""
+check it, run this process's share of the design, write the report (studies/frontier/run.py).
+`export_point=<point id>` instead trains that point's run again and exports it at its alpha as a model."""
 
 from __future__ import annotations
 
@@ -38,6 +39,12 @@ def main(cfg: DictConfig) -> None:
 
             logger = wandb.init(project=str(cfg.wandb_project), name=f"frontier-{frontier.name}", config=OmegaConf.to_container(cfg.frontier, resolve=True))
         GlobalHydra.instance().clear()
+        if cfg.get("export_point"):  # one point of the design trained again and exported as a model
+            from studies.frontier.run import export_point
+
+            metrics = export_point(frontier, out, str(cfg.export_point))
+            print(f"frontier: point {cfg.export_point} exported to {metrics.get('export_dir')}")
+            return
         run_frontier(frontier, out, shard, report_only, logger, publish, restore)
     except LokiError as err:
         print(f"error: {err}", file=sys.stderr)

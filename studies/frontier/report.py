@@ -126,7 +126,10 @@ def frontier_markdown(points: Sequence[Mapping[str, Any]], items: stats.Frontier
     lines.append(f"Points per method: {counts}. Interpolation points (alpha < 1) belong to their run's method.")
     base = next((p for p in points if p.get("method") == stats.BASE), None)
     if base is not None:
-        lines.append(f"Base model: task {fmt(stats.task_value(base, 'task'))}, gold log-prob {fmt(stats.task_value(base, 'task_graded'))}.")
+        graded = stats.task_value(base, "task_graded")
+        metric = f" ({base['task_metric']})" if base.get("task_metric") else ""
+        lines.append(f"Base model: task{metric} {fmt(stats.task_value(base, 'task'))}"
+                     + (f", gold log-prob {fmt(graded)}." if graded is not None else "."))
     lines.append("")
     for task_key in task_keys:
         for measure in measures:

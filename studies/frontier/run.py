@@ -23,6 +23,9 @@ With `front_seeds`, a second pass follows the first: once every first-pass point
 for the others), the runs that the matched tables read (`front_runs`: each method's least-forgetting point
 at each matched level and at level -+ `front_slack`) are run again at each of those seeds, interpolation
 points included. Every shard chooses the same runs from the same points.
+Shards (`shard=i/n`): each takes every n-th run of a pass, then helps with the others' runs still missing,
+from the end of the list. A run is claimed first (`claims/<run>.lock`, a lock the system drops when its
+process dies), so no run is made twice at once, and a shard whose partner died finishes the pass.
 A point is reused only under the settings it was made with (its `settings` digest); otherwise the runner
 stops and names the point.
 """
@@ -89,6 +92,9 @@ class FrontierConfig:
     task_val: Any = False          # also score each trained run on the task's validation items (to choose an LR by them; the tables do not read it)
     threads: Any = 1               # torch threads per process (one process per core is faster on small matrices)
     reuse_from: Any = field(default_factory=list)  # other frontiers' names (folders beside this one) whose points of the same settings are copied, not remade
+    variants: Any = None           # {variant method: the method it modifies}: publish also writes `variants_page` (studies/frontier/variants.py)
+    reference: Any = None          # the paper's method among the methods, which every variant is compared with too
+    variants_page: Any = None      # docs/<this>.md, the variants' page (needs `variants`)
 
     def __post_init__(self) -> None:
         k = checks.key
@@ -123,6 +129,16 @@ class FrontierConfig:
             checks.fail(k("levels"), "null or a list of task levels", self.levels)
         checks.integer(k("n_boot"), self.n_boot, low=0)
         checks.boolean(k("task_val"), self.task_val)
+        if self.variants is not None:
+            if not (isinstance(self.variants, Mapping) and self.variants
+                    and all(v in names and m in names and v != m for v, m in self.variants.items())):
+                checks.fail(k("variants"), "a mapping {variant: the method it modifies} of distinct method names of the design", self.variants)
+            self.variants = dict(self.variants)
+        if self.reference is not None and self.reference not in names:
+            checks.fail(k("reference"), "null or a method name of the design", self.reference)
+        checks.text(k("variants_page"), self.variants_page, optional=True)
+        if (self.variants_page is None) != (self.variants is None):
+            checks.fail(k("variants_page"), "set exactly when frontier.variants is (the page's name under docs/)", self.variants_page)
         checks.integer(k("threads"), self.threads, low=1)
 
 
@@ -261,6 +277,17 @@ class Frontier:
         }
         return settings_digest(record, 16)
 
+    def base_digest(self) -> str:
+        """What the base's measurements depend on: the design's model, task and overrides, and the eval settings."""
+        from omegaconf import OmegaConf
+
+        from loki.files import settings_digest
+
+        record = {"model": self.frontier.model, "task": self.frontier.task, "overrides": list(self.frontier.overrides),
+                  "eval": OmegaConf.to_container(self.base_cfg.eval, resolve=True),
+                  "task_eval": OmegaConf.to_container(self.base_cfg.task.get("eval") or {}, resolve=True)}
+        return settings_digest(record, 16)
+
     def point_path(self, point_id: str) -> Path:
         return self.out / "points" / f"{point_id}.json"
 
@@ -319,12 +346,19 @@ class Frontier:
 
                 check_disjoint(self.base_cfg.data, self.base_cfg.eval)  # retention never reads the attribution prompts
                 model, tokenizer = self.load_base()
-                record, items = self.measure(model, tokenizer, stage="before")
+                record, items = self.measure(model, tokenizer, stage="before", with_val=bool(self.frontier.task_val))
                 (self.out / "items").mkdir(parents=True, exist_ok=True)
                 write_atomic(self.out / "items" / "base.json", json.dumps(items).encode())
                 record["seconds"] = round(time.time() - started, 1)
+                record["settings"] = self.base_digest()
                 write_atomic(path, json.dumps(record, indent=1, sort_keys=True).encode())
-        self._base = json.loads(path.read_text())
+        base = json.loads(path.read_text())
+        if base.get("settings", self.base_digest()) != self.base_digest():  # a base.json of before the digest is taken as is
+            raise LokiError(
+                f"the base measurements {path} were made with other model, task or eval settings than frontier "
+                f"{self.frontier.name!r}; use another frontier.name (or out=...), or delete the folder to remake it."
+            )
+        self._base = base
         return self._base
 
     def load_base(self):
@@ -346,7 +380,8 @@ class Frontier:
     def measure(self, model, tokenizer, stage: str = "after", with_val: bool = True) -> tuple[dict, dict]:
         """(record, items) of one model: the task on its test (and validation) items, and retention
         ("before": the base, which stores its distributions; "after": compared with them). Interpolation
-        points skip the validation items: only a trained run's LR is chosen on them."""
+        points skip the validation items (only a trained run's LR is chosen on them), and so does the base
+        unless the design asks for them (`task_val`)."""
         from loki.eval import run_retention
 
         task = self.task
@@ -385,7 +420,7 @@ class Frontier:
                 "lm_loss_delta": sum(lm) / len(lm) if lm else None,
                 "avg": None if avg is None or (isinstance(avg, float) and math.isnan(avg)) else avg,
             },
-            "n_task": int(test.get("n", 0)) or None,
+            "n_task": _task_count(test),
             "n_retention": {b: int(v) for b, v in _counts(measured["retention"]).items()},
             "run_dir": run_dir, "seconds_eval": measured["seconds_eval"],
         }
@@ -440,27 +475,54 @@ class Frontier:
         mine = units[index::count]
         log.info("frontier %s: %d runs in the design, %d for shard %d/%d", self.frontier.name, len(units), len(mine), index, count)
         self.base()
-        for key, alphas in mine:
-            self.run_unit(key, alphas)
+        self.run_share(units)
         if self.frontier.front_seeds:
             second = front_seed_design(self.frontier, self.wait_for_first_pass())
-            mine = second[index::count]
-            log.info("frontier %s: %d runs in the front-seeds pass, %d for shard %d/%d", self.frontier.name, len(second), len(mine), index, count)
-            for key, alphas in mine:
-                self.run_unit(key, alphas)
+            log.info("frontier %s: %d runs in the front-seeds pass, %d for shard %d/%d", self.frontier.name, len(second),
+                     len(second[index::count]), index, count)
+            self.run_share(second)
         return self.collect()
+
+    def claim_path(self, key: RunKey) -> Path:
+        return self.out / "claims" / f"{key.point_id(1.0)}.lock"
+
+    def run_share(self, units: Sequence[tuple[RunKey, tuple[float, ...]]]) -> None:
+        """This shard's runs of `units` in order, then the other shards' that are still missing, from the end
+        of the list (where a live partner comes last): a shard that finishes early helps, and one whose
+        partner died finishes the pass. Each run is claimed first (a lock that dies with its process), so
+        no run is made twice at once; a run another process holds is left to it."""
+        index, count = self.shard
+        mine = units[index::count]
+        others = [u for i, u in enumerate(units) if i % count != index][::-1]
+        for key, alphas in list(mine) + [u for u in others if self.missing([u])]:
+            self.claimed_unit(key, alphas)
+
+    def claimed_unit(self, key: RunKey, alphas: Sequence[float]) -> bool:
+        """Run (or reuse) one unit if no other process holds its claim; False when one does."""
+        from loki.files import try_lock
+
+        with try_lock(self.claim_path(key)) as claimed:
+            if claimed:
+                self.run_unit(key, alphas)
+            return claimed
 
     def missing(self, units: Sequence[tuple[RunKey, tuple[float, ...]]]) -> list[str]:
         return [key.point_id(a) for key, alphas in units for a in (1.0, *alphas) if not self.point_path(key.point_id(a)).is_file()]
 
     def wait_for_first_pass(self, poll_seconds: float = 30.0) -> list[dict]:
         """Every first-pass point (the other shards' too: the second pass is chosen from all of them)."""
+        units = design(self.frontier)
         while True:
-            missing = self.missing(design(self.frontier))
+            missing = self.missing(units)
             if not missing:
                 return self.collect()
-            log.info("frontier %s: waiting for %d first-pass points of other shards (%s ...)", self.frontier.name, len(missing), missing[0])
-            time.sleep(poll_seconds)
+            for unit in units:  # a run whose claim is free has no live process behind it (its process died): make it
+                if self.missing([unit]):
+                    self.claimed_unit(*unit)
+            missing = self.missing(units)
+            if missing:
+                log.info("frontier %s: waiting for %d first-pass points of other shards (%s ...)", self.frontier.name, len(missing), missing[0])
+                time.sleep(poll_seconds)
 
     # -- assembling
 
@@ -497,9 +559,14 @@ class Frontier:
             "task": test.get(primary), "task_metric": primary, "task_graded": test.get("logprob"),
             "task_val": base["task_metrics_val"].get(primary),
             "forgetting": {"kl": 0.0, "lm_loss_delta": 0.0, "avg": 0.0},
-            "n_task": int(test.get("n", 0)) or None,
+            "n_task": _task_count(test),
             "n_retention": {b: int(v) for b, v in _counts(base["retention"]).items()}, "run_dir": None,
         }
+
+
+def _task_count(metrics: Mapping[str, float]) -> int | None:
+    """Test items measured: questions (`n`) or ranked queries (`num_queries`)."""
+    return int(metrics.get("n", metrics.get("num_queries", 0))) or None
 
 
 def _counts(retention: Mapping[str, float]) -> dict[str, float]:
@@ -533,6 +600,26 @@ def _log_wandb(logger: Any, points: list[dict]) -> None:
 
     columns, rows = report.wandb_table(points)
     logger.log({"frontier/points": wandb.Table(columns=columns, data=rows)})
+
+
+def export_point(frontier: FrontierConfig, out: Path, point_id: str) -> dict:
+    """Train the run of one point of the design again (the same overrides, LR, seed and budget) and export it
+    as a Hugging Face model at the point's alpha (`export.alpha`): an interpolation point the tables chose,
+    as a model of its own. Writes `out/exports/<point id>/` (model/, metrics.json); returns the run's metrics."""
+    from loki import recipe
+
+    parts = str(point_id).split("__")
+    try:
+        name, lr, seed, alpha = parts[0], float(parts[1][2:]), int(parts[2][4:]), float(parts[3][1:])
+        assert len(parts) == 4 and parts[1].startswith("lr") and parts[2].startswith("seed") and parts[3].startswith("a")
+    except (IndexError, ValueError, AssertionError):
+        raise LokiError(f"export_point={point_id!r} is not a point id (<method>__lr<lr>__seed<seed>__a<alpha>, as in points.jsonl).") from None
+    method = next((m for m in frontier.methods if m.name == name), None)
+    if method is None:
+        raise LokiError(f"export_point={point_id!r} names method {name!r}, which frontier {frontier.name!r} does not have.")
+    key = RunKey(name, lr, seed)
+    overrides = [o for o in train_overrides(frontier, method, key, out / "exports" / str(point_id)) if o != "export.format=none"]
+    return recipe.run(compose_train([*overrides, "export.format=full", f"export.alpha={alpha:g}"]))
 
 
 def main(frontier: FrontierConfig, out: Path, shard: str = "0/1", report_only: bool = False, logger: Any = None,

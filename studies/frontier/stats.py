@@ -9,9 +9,10 @@ method and seed). The point with method "base" (id "base", the untrained model) 
 left out of every method's front and table (`BASE`). A value that is None (not measured) leaves the point
 out of that axis.
 
-Task axes (`task_key`): "task" is the task's primary metric, which the bootstrap recomputes as the
-accuracy, mean(correct) over the test items; "task_graded" is the mean log-probability of the gold
-answer, mean(logprob). Forgetting measures: "kl" is the mean over the `kl` benchmarks of the mean
+Task axes (`task_key`): "task" is the task's primary metric, which the bootstrap recomputes from the
+test items as sum(weight * value) / sum(weight): the accuracy, mean(correct), for a question task, and
+the mean over queries of the query's metric for a ranking task; "task_graded" is the mean log-probability
+of the gold answer, mean(logprob), where the task has one. Forgetting measures: "kl" is the mean over the `kl` benchmarks of the mean
 per-prompt KL; "lm_loss_delta" the mean over the `lm_loss` benchmarks of
 sum(nll_after)/sum(tokens) - sum(nll_base)/sum(tokens_base); "avg" the paper's Avg over held-out
 accuracies, taken as recorded (not recomputed from items).
@@ -20,6 +21,7 @@ File layout (what the runner writes under its output dir, read back by `load_ite
 
     points.jsonl          one point per line (above)
     items/<id>.json       {"task": [{"id", "correct", "logprob"}, ...],      the test items, in one order
+                                  or [{"id", "value", "weight"}, ...],       (a question task, or a ranking task's queries)
                            "retention": {"<benchmark>": [row, ...], ...}}    run_retention(..., items=...)
     items/base.json       the same for the base model (its lm_loss rows are the lm_loss_delta reference)
 
@@ -27,8 +29,9 @@ Retention rows: {"kl": float} per prompt (a `kl` benchmark), {"nll": float, "tok
 `lm_loss` benchmark), {"id", "correct", "logprob"} per row (letter/cloze: not read here). Every file lists
 the same items in the same order; `items_from_rows` refuses files that disagree.
 
-In memory (`FrontierItems`): numpy arrays per point id, `PointItems(correct [n_task] bool, logprob
-[n_task], kl {bench: [n_prompts]}, nll {bench: [n_texts]}, tokens {bench: [n_texts]})`, and the base's.
+In memory (`FrontierItems`): numpy arrays per point id, `PointItems(value [n_task], logprob [n_task] (nan:
+none), kl {bench: [n_prompts]}, nll {bench: [n_texts]}, tokens {bench: [n_texts]}, weight [n_task])`, and
+the base's.
 """
 
 from __future__ import annotations
@@ -59,11 +62,16 @@ LEVEL_TOLERANCE = 1e-9  # a point at 18/30 reaches the level 0.6 computed as 0.6
 class PointItems:
     """One evaluated model's per-item results (arrays in the files' item order)."""
 
-    correct: np.ndarray                     # bool [n_task]: the test item's top choice is the gold one
-    logprob: np.ndarray                     # float [n_task]: the gold choice's log-probability among the choices
+    value: np.ndarray                       # float [n_task]: the item's primary metric (1/0: its top choice is the gold one)
+    logprob: np.ndarray                     # float [n_task]: the gold choice's log-probability among the choices (nan: none)
     kl: dict[str, np.ndarray] = field(default_factory=dict)      # kl benchmark -> per-prompt KL [n_prompts]
     nll: dict[str, np.ndarray] = field(default_factory=dict)     # lm_loss benchmark -> summed NLL per text [n_texts]
     tokens: dict[str, np.ndarray] = field(default_factory=dict)  # lm_loss benchmark -> predicted tokens per text
+    weight: np.ndarray | None = None        # float [n_task]: the item's weight in the primary (None: all 1)
+
+    def __post_init__(self) -> None:
+        if self.weight is None:
+            self.weight = np.ones(len(self.value))
 
 
 @dataclass
@@ -84,12 +92,13 @@ def _point_items(where: str, data: Mapping[str, Any]) -> PointItems:
         elif rows and all("nll" in r and "tokens" in r for r in rows):
             nll[bench] = np.array([float(r["nll"]) for r in rows])
             tokens[bench] = np.array([float(r["tokens"]) for r in rows])
-    try:
-        correct = np.array([bool(r["correct"]) for r in task], dtype=bool)
-        logprob = np.array([float(r["logprob"]) for r in task])
-    except (KeyError, TypeError) as err:
-        raise LokiError(f"{where}: every task item needs 'correct' and 'logprob', got a row without {err}.") from None
-    return PointItems(correct, logprob, kl, nll, tokens)
+    try:  # a question's correctness, or a ranked query's metric
+        value = np.array([float(r["value"]) if "value" in r else float(bool(r["correct"])) for r in task])
+    except (KeyError, TypeError, ValueError) as err:
+        raise LokiError(f"{where}: every task item needs 'value' (or 'correct'), got a row without {err}.") from None
+    logprob = np.array([float(r["logprob"]) if r.get("logprob") is not None else math.nan for r in task])
+    weight = np.array([float(r.get("weight", 1.0)) for r in task])
+    return PointItems(value, logprob, kl, nll, tokens, weight)
 
 
 def items_from_rows(rows_by_id: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any] | None = None) -> FrontierItems:
@@ -101,7 +110,7 @@ def items_from_rows(rows_by_id: Mapping[str, Mapping[str, Any]], base: Mapping[s
     if everyone:
         ref_id, ref = everyone[0]
         for pid, got in everyone[1:]:
-            shapes = {"task": (len(ref.correct), len(got.correct))}
+            shapes = {"task": (len(ref.value), len(got.value))}
             for name in ("kl", "nll"):
                 for bench in set(getattr(ref, name)) | set(getattr(got, name)):
                     a, b = getattr(ref, name).get(bench), getattr(got, name).get(bench)
@@ -271,12 +280,14 @@ def point_replicates(point_ids: Sequence[str], items: FrontierItems, measure: st
     ref = pts[0] if pts else None
     if ref is None:
         return np.zeros((0, n_boot)), np.zeros((0, n_boot))
-    n_task = len(ref.correct)
+    n_task = len(ref.value)
     if n_task == 0:
-        raise LokiError("the per-item results hold no task items; the bootstrap needs each test item's correct and logprob.")
-    w_task = _counts(rng, n_boot, n_task)
-    values = np.stack([p.correct.astype(float) if task_key == "task" else p.logprob for p in pts])  # [P, n_task]
-    task = values @ w_task.T / n_task
+        raise LokiError("the per-item results hold no task items; the bootstrap needs each test item's value (or correct).")
+    w_task = _counts(rng, n_boot, n_task) * ref.weight[None, :]  # [n_boot, n_task]: draws times the item's weight
+    values = np.stack([p.value if task_key == "task" else p.logprob for p in pts])  # [P, n_task]
+    if task_key != "task" and np.isnan(values).any():
+        raise LokiError("the task axis 'task_graded' needs each test item's logprob; this task's items have none.")
+    task = values @ w_task.T / w_task.sum(axis=1)[None, :]
     if measure == "kl":
         if not ref.kl:
             raise LokiError("forgetting measure 'kl' has no per-prompt results (no kl benchmark in the items).")
@@ -328,7 +339,8 @@ def matched_table(points: Sequence[Mapping[str, Any]], items: FrontierItems | No
     Estimate: `least_forgetting_at` on the recorded values (the same numbers as the fronts).
     Each of `n_boot` replicates resamples, with replacement and independently:
     - the test items (one draw shared by every point: paired), from which each point's task value is
-      recomputed (accuracy = mean correct, or the graded axis = mean logprob);
+      recomputed (the weighted mean of the items' values, e.g. the accuracy, or the graded axis = mean
+      logprob);
     - each kl benchmark's prompts and each lm_loss benchmark's texts (one draw per benchmark, shared by
       every point and by the base), from which each point's kl or lm_loss_delta is recomputed; avg is
       taken as recorded;

@@ -1,0 +1,118 @@
+"""Variants against what they change: for a frontier whose design names `variants` ({variant method: the
+method it modifies}), one table per variant and forgetting measure with the matched-level numbers and 95 %
+intervals of the variant, the method it modifies, the paper's method (`reference`) and the best other method,
+and whether the intervals separate (issue 20's docs/beyond.md). The numbers come from `studies.frontier.stats`.
+
+The best other method (`best_other`) is the compared method, neither a variant nor the reference, that forgets
+least at the task levels that it and every other candidate reach: the lowest mean of its matched-level
+estimates (a level it does not reach counts as infinite), ties broken by name. It is chosen per measure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from loki.errors import LokiError
+from studies.frontier import stats
+from studies.frontier.report import MEASURE_NAMES, _table, cell_text, fmt
+
+
+def best_other(points: Sequence[Mapping[str, Any]], exclude: Sequence[str], measure: str, task_key: str = "task",
+               k: int = 4) -> str | None:
+    """The compared method outside `exclude` with the lowest mean least-forgetting over the levels every
+    such method reaches (`stats.common_levels`, from the base's task value up); None without candidates."""
+    methods = {m: pts for m, pts in stats.by_method(points).items() if m not in set(exclude)}
+    methods = {m: [p for p in pts if stats.task_value(p, task_key) is not None and stats.forgetting_value(p, measure) is not None]
+               for m, pts in methods.items()}
+    methods = {m: pts for m, pts in methods.items() if pts}
+    if not methods:
+        return None
+    base = next((p for p in points if p.get("method") == stats.BASE), None)
+    levels = stats.common_levels(methods, k=k, task_key=task_key, base_task=None if base is None else stats.task_value(base, task_key))
+
+    def score(method: str) -> float:
+        values = [stats.least_forgetting_at(methods[method], level, measure, task_key) for level in levels]
+        return sum(math.inf if v is None else v for v in values) / max(1, len(values))
+
+    return min(sorted(methods), key=score)
+
+
+def compare(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
+    """One level's verdict of cell `a` against cell `b`: "less" or "more" (the intervals do not overlap and
+    a forgets less or more), "overlap", or "unreached" (either has no estimate)."""
+    if a["estimate"] is None or b["estimate"] is None:
+        return "unreached"
+    if a["high"] < b["low"]:
+        return "less"
+    if b["high"] < a["low"]:
+        return "more"
+    return "overlap"
+
+
+def summary(verdicts: Sequence[str]) -> str:
+    """"less at 2 of 4 levels, overlap at 2" from per-level verdicts."""
+    counts = {v: verdicts.count(v) for v in ("less", "more", "overlap", "unreached") if verdicts.count(v)}
+    parts = [f"{v} at {n}" for v, n in counts.items()]
+    if parts:
+        first, _, rest = parts[0].partition(" at ")
+        parts[0] = f"{first} at {rest} of {len(verdicts)} levels"
+    return ", ".join(parts) or "no common level"
+
+
+def variant_section(points: Sequence[Mapping[str, Any]], items: stats.FrontierItems | None, variant: str, modifies: str,
+                    reference: str | None, others: Sequence[str], measure: str, n_boot: int = 1000, seed: int = 0,
+                    task_key: str = "task", k: int = 4) -> tuple[list[str], dict[str, str]]:
+    """(markdown lines, {compared method: summary}) of one variant and one measure: the variant against the
+    method it modifies, the reference and the best other method (chosen among `others`' complement)."""
+    best = best_other(points, others, measure, task_key, k)
+    compared = list(dict.fromkeys(m for m in (variant, modifies, reference, best) if m))
+    present = stats.by_method(points)
+    compared = [m for m in compared if m in present]
+    chosen = [p for p in points if p.get("method") in compared or p.get("method") == stats.BASE]
+    base = next((p for p in points if p.get("method") == stats.BASE), None)
+    methods = {m: [p for p in present[m] if stats.task_value(p, task_key) is not None and stats.forgetting_value(p, measure) is not None]
+               for m in compared}
+    levels = stats.common_levels(methods, k=k, task_key=task_key, base_task=None if base is None else stats.task_value(base, task_key))
+    roles = [(variant, "the variant"), (modifies, "what it modifies"), (reference, "the paper's method"), (best, "the best other method")]
+    lines = [f"### {variant}: {MEASURE_NAMES.get(measure, measure)}", ""]
+    if variant not in present or not levels:
+        return lines + ["Not measured yet." if variant not in present else "No task level that every compared method reaches.", ""], {}
+    why = None
+    try:
+        table = stats.matched_table(chosen, items, levels, measure, n_boot=n_boot, seed=seed, task_key=task_key)
+    except LokiError as err:  # items that cannot give the intervals: the estimates alone, and why
+        table, n_boot, why = stats.matched_table(chosen, None, levels, measure, n_boot=0, task_key=task_key), 0, str(err)
+    bootstrapped = n_boot > 0
+    if why:
+        lines += [f"No bootstrap: {why.rstrip('.')}.", ""]
+    header = ["method", "role"] + [f"{task_key} >= {fmt(level)}" for level in levels]
+    lines += _table(header, [[m, ", ".join(r for mm, r in roles if mm == m)] + [cell_text(c, bootstrapped) for c in table[m]]
+                             for m in compared])
+    verdicts = {}
+    if bootstrapped:
+        lines += ["", f"{variant} forgets (95 % intervals that do not overlap):", ""]
+        for m in compared[1:]:
+            verdicts[m] = summary([compare(a, b) for a, b in zip(table[variant], table[m])])
+            lines.append(f"- against {m}: {verdicts[m]}")
+    return lines + [""], verdicts
+
+
+def variants_markdown(points: Sequence[Mapping[str, Any]], items: stats.FrontierItems | None, variants: Mapping[str, str],
+                      reference: str | None, measures: Sequence[str], n_boot: int = 1000, seed: int = 0, title: str = "Variants") -> str:
+    """The variants page: a summary table, then one section per variant and measure (`variant_section`)."""
+    others = [*variants, *([reference] if reference else [])]
+    sections, rows = [], []
+    for variant, modifies in variants.items():
+        for measure in measures:
+            lines, verdicts = variant_section(points, items, variant, modifies, reference, others, measure, n_boot, seed)
+            sections += lines
+            rows.append([variant, measure, modifies] + ["; ".join(f"{m}: {v}" for m, v in verdicts.items()) or "-"])
+    head = [f"# {title}", "",
+            "Each variant against the method it modifies, the paper's method"
+            + (f" (`{reference}`)" if reference else "") + " and the best other method of the design (the one that forgets least "
+            "at the levels every candidate reaches), at task levels all of them reach: the least forgetting at or above each "
+            "level with its 95 % bootstrap interval over test items, held-out texts and seeds (`studies/frontier/variants.py`).", ""]
+    head += _table(["variant", "measure", "modifies", "it forgets less / more / overlapping, per compared method"], rows)
+    return "\n".join(head + [""] + sections).rstrip() + "\n"

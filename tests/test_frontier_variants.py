@@ -1,0 +1,89 @@
+"""The variants page (issue 20's docs/beyond.md): the best other method, the per-level verdicts and the page,
+on hand-made points with hand-computed numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from loki.errors import LokiError
+from studies.frontier import stats
+from studies.frontier.variants import best_other, compare, summary, variant_section, variants_markdown
+
+
+def pt(pid, method, task, kl, seed=0):
+    return {"id": pid, "method": method, "lr": 1e-3, "seed": seed, "alpha": 1.0, "task": task, "task_graded": None,
+            "forgetting": {"kl": kl, "lm_loss_delta": None, "avg": None}}
+
+
+# Base at task 0.2. V, L, A and B span 0.6-1.0, so common_levels(k=2) gives 0.8 and 1.0, where each one's
+# least forgetting is that of its 1.0 point.
+POINTS = [
+    pt("base", "base", 0.2, 0.0),
+    pt("v1", "V", 0.6, 0.05), pt("v2", "V", 1.0, 0.10),    # the variant of L
+    pt("l1", "L", 0.6, 0.20), pt("l2", "L", 1.0, 0.40),    # the paper's method (the reference), modified by V
+    pt("a1", "A", 0.6, 0.10), pt("a2", "A", 1.0, 0.30),    # 0.30 at 0.8 and 1.0: the best other method
+    pt("b1", "B", 0.6, 0.05), pt("b2", "B", 1.0, 0.50),    # 0.50, though the least at 0.6
+    pt("c1", "C", 0.6, 0.01),                               # reaches 0.6 only
+]
+
+
+def items_for(points, n=4):
+    """Items that reproduce each point exactly and never vary under resampling: every test item has the
+    point's task value, every prompt its KL (so every interval is the point itself)."""
+    return stats.items_from_rows({p["id"]: {"task": [{"id": f"q{i}", "value": p["task"]} for i in range(n)],
+                                            "retention": {"kl": [{"kl": p["forgetting"]["kl"]}] * 3}} for p in points})
+
+
+def test_best_other_is_the_lowest_mean_least_forgetting_over_the_common_levels():
+    assert stats.common_levels({m: [p for p in POINTS if p["method"] == m] for m in "ABL"}, k=2, base_task=0.2) == [0.8, 1.0]
+    assert best_other(POINTS, ["V", "L", "C"], "kl", k=2) == "A"  # A: 0.3 at both levels; B: 0.5
+    # with C a candidate, its single point lowers the common levels to [0.6], where it forgets least (0.01 < B 0.05 < A 0.1)
+    assert best_other(POINTS, ["V", "L"], "kl", k=2) == "C"
+    assert best_other(POINTS, ["V", "L", "A", "B", "C"], "kl") is None
+
+
+def test_per_level_verdicts_and_their_summary():
+    cell = lambda e, lo, hi: {"estimate": e, "low": lo, "high": hi}  # noqa: E731
+    assert compare(cell(0.1, 0.05, 0.15), cell(0.3, 0.2, 0.4)) == "less"
+    assert compare(cell(0.3, 0.2, 0.4), cell(0.1, 0.05, 0.15)) == "more"
+    assert compare(cell(0.1, 0.05, 0.25), cell(0.3, 0.2, 0.4)) == "overlap"
+    assert compare(cell(None, 0, 0), cell(0.3, 0.2, 0.4)) == "unreached"
+    assert summary(["less", "overlap", "less", "unreached"]) == "less at 2 of 4 levels, overlap at 1, unreached at 1"
+    assert summary([]) == "no common level"
+
+
+def test_a_variant_section_with_degenerate_intervals_separates_exactly_where_the_numbers_say():
+    points = [p for p in POINTS if p["method"] != "C"]
+    lines, verdicts = variant_section(points, items_for(points), "V", "L", "L", ["V", "L"], "kl", n_boot=50, k=2)
+    text = "\n".join(lines)
+    assert "| method | role | task >= 0.800 | task >= 1.000 |" in text
+    assert "| V | the variant | 0.100 [0.100, 0.100] | 0.100 [0.100, 0.100] |" in text
+    assert "| L | what it modifies, the paper's method | 0.400 [0.400, 0.400] | 0.400 [0.400, 0.400] |" in text
+    assert "| A | the best other method |" in text and "| B |" not in text
+    assert verdicts == {"L": "less at 2 of 2 levels", "A": "less at 2 of 2 levels"}
+    missing, none = variant_section(points, None, "W", "L", "L", ["W", "L"], "kl", n_boot=0, k=2)
+    assert "Not measured yet." in missing and none == {}
+
+
+def test_the_page_has_a_summary_row_per_variant_and_measure():
+    points = [p for p in POINTS if p["method"] != "C"]
+    page = variants_markdown(points, items_for(points), {"V": "L"}, "L", ["kl"], n_boot=20, title="T")
+    assert page.startswith("# T\n")
+    assert "| V | kl | L | L: less at 4 of 4 levels; A: less at 4 of 4 levels |" in page  # k = 4 levels: 0.7 .. 1.0
+    assert "### V: KL from the base (nats)" in page
+
+
+@pytest.mark.parametrize("changes, sentence", [
+    ({"variants": {"V": "nope"}, "variants_page": "p"}, "frontier.variants must be a mapping {variant: the method it modifies}"),
+    ({"variants": {"V": "V"}, "variants_page": "p"}, "frontier.variants must be a mapping"),
+    ({"variants": {"V": "L"}}, "frontier.variants_page must be set exactly when frontier.variants is"),
+    ({"reference": "Z"}, "frontier.reference must be null or a method name of the design"),
+])
+def test_bad_variant_settings_stop_with_one_sentence(changes, sentence):
+    from loki import checks
+    from studies.frontier.run import FrontierConfig
+
+    settings = dict(name="t", methods=[{"name": "V", "overrides": [], "lrs": [1e-3]}, {"name": "L", "overrides": [], "lrs": [1e-3]}])
+    with pytest.raises(LokiError) as err, checks.located("frontier"):
+        FrontierConfig(**settings, **changes)
+    assert str(err.value).startswith(sentence)
