@@ -378,5 +378,5 @@ def test_smollm135m_lr_defaults_are_the_verdict_grids_one_se_lrs():
     root = Path(__file__).resolve().parents[1]
     points = [json.loads(line) for line in (root / "docs" / "frontier_data" / "smollm135m" / "points.jsonl").read_text().splitlines()]
     model = compose_config("train", "model=smollm135m").model
-    assert one_se_lr(points, "loki-q0.1") == model.loki_lr == 3e-3
+    assert one_se_lr(points, "loki-q0.1") == model.loki_lr == 1e-2
     assert one_se_lr(points, "full") == model.finetune_lr == 1e-4
