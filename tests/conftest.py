@@ -76,6 +76,16 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
 
+def optimizer_step(optimizer, loss_and_grad, closure: bool) -> None:
+    """One optimizer step as Lightning takes it (`closure`: forward and backward inside `optimizer.step`) or
+    as a plain loop does (backward first, then `step()`); `loss_and_grad` runs the forward and backward."""
+    if closure:
+        optimizer.step(loss_and_grad)
+    else:
+        loss_and_grad()
+        optimizer.step()
+
+
 def compose_config(config_name: str = "train", *overrides: str):
     """A config composed as the entry point would (conf/<config_name>.yaml plus overrides), no Hydra run."""
     from hydra import compose, initialize_config_dir

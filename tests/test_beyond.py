@@ -15,7 +15,7 @@ from loki.config import check_train_config
 from loki.errors import LokiError
 from loki.implant import attach_optimizer, attach_row_scales, install, merge, soft_scales
 from loki.implant.guard import RowStepScale
-from tests.conftest import compose_config, make_tiny_model, run_train
+from tests.conftest import compose_config, make_tiny_model, optimizer_step, run_train
 
 
 def test_soft_scales_fall_linearly_with_rank():
@@ -58,11 +58,7 @@ def test_one_soft_adamw_step_is_the_scaled_full_step(impl, closure):
             loss.backward()
             return loss
 
-        if closure:
-            optimizer.step(loss_and_grad)
-        else:
-            loss_and_grad()
-            optimizer.step()
+        optimizer_step(optimizer, loss_and_grad, closure)
         merge(model, handle)
         after = dict(model.named_parameters())
         for name, value in before.items():  # everything but the selected rows is bit-identical

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, optimizer_step
 from tests.ddp_implant_worker import MODES, POSITIONS, VOCAB, TinyCausalLM, make_trainer, token_batches
 from loki.arch import down_projs
 from loki.errors import LokiError
@@ -83,11 +83,7 @@ def train_plain(impl, optimizer_factory, guard: bool, steps: int = 3, use_closur
             loss.backward()
             return loss
 
-        if use_closure:
-            optimizer.step(closure)
-        else:
-            closure()
-            optimizer.step()
+        optimizer_step(optimizer, closure, use_closure)
     merge(model, handle)
     return model.state_dict()
 
