@@ -278,7 +278,8 @@ def check_train_config(cfg: DictConfig) -> None:
     """Every value `train.py` reads, checked before any data or model is loaded."""
     from loki.implant import IMPLS
     from loki.lightning.module import LR_SCHEDULES
-    from loki.select import QUOTAS, SCORE_MODES, STRATEGIES
+    from loki.implant.pull import L2SP_ROWS
+    from loki.select import NO_SCORE_STRATEGIES, QUOTAS, SCORE_MODES, STRATEGIES
 
     c = _Checker(cfg)
     _check_model(c)
@@ -332,6 +333,13 @@ def check_train_config(cfg: DictConfig) -> None:
         if isinstance(q, (int, float)) and 0 < q and float(q) * float(c.get("loki.soft_span")) >= 1:
             c.fail("loki.soft_span", f"below 1/loki.q = {1 / float(c.get('loki.q')):g} (q*soft_span is the fraction of rows that train)", c.get("loki.soft_span"))
     positions = c.get("loki.positions")
+    c.number("loki.l2sp", 0, float("inf"))
+    c.one_of("loki.l2sp_rows", L2SP_ROWS)
+    if float(c.get("loki.l2sp")) > 0 and c.get("loki.l2sp_rows") == "kva":
+        if positions is not None:
+            c.fail("loki.l2sp_rows", "uniform when loki.positions is given (the |KVA| weights are made from the scores)", "kva")
+        if c.get("loki.strategy") in NO_SCORE_STRATEGIES:
+            c.fail("loki.l2sp_rows", "uniform with loki.strategy=" + str(c.get("loki.strategy")) + " (it reads no scores to weight the rows by)", "kva")
     if c.get("loki.quota") != "uniform":
         if positions is not None:
             c.fail("loki.quota", "uniform when loki.positions is given (a per-layer quota is made from the scores)", c.get("loki.quota"))
@@ -344,8 +352,6 @@ def check_train_config(cfg: DictConfig) -> None:
         c.number("loki.q", 0, 1, low_open=True, high_open=True, optional=True)
         if not isinstance(positions, str) or not Path(positions).expanduser().is_file():
             c.fail("loki.positions", "null, published, or an existing positions JSON file", positions)
-    from loki.select import NO_SCORE_STRATEGIES
-
     if positions is None and c.get("loki.strategy") not in NO_SCORE_STRATEGIES:  # the controls read no store
         scores = c.get("loki.scores")
         if scores != "auto":

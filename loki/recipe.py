@@ -40,9 +40,11 @@ log = logging.getLogger(__name__)
 
 
 def method_label(
-    loki_enabled: bool, lora_rank: int, q: float | None, strategy: str | None, variant: str = "lora", quota: str = "uniform", soft: bool = False
+    loki_enabled: bool, lora_rank: int, q: float | None, strategy: str | None, variant: str = "lora", quota: str = "uniform", soft: bool = False,
+    l2sp: float = 0.0, l2sp_rows: str = "kva",
 ) -> str:
-    """Short label of what trains: full, lora-r16, dora-r16, osf, loki-q0.1, loki-q0.1-mass, loki-q0.1-soft, loki-q0.1-global_lowest+lora-r16 ..."""
+    """Short label of what trains: full, lora-r16, dora-r16, osf, loki-q0.1, loki-q0.1-mass, loki-q0.1-soft, loki-q0.1-l2sp,
+    loki-q0.1-global_lowest+lora-r16 ..."""
     if not loki_enabled:
         from loki.peft_methods import method_name, uses_peft
 
@@ -55,6 +57,8 @@ def method_label(
         label += f"-{quota}"
     if soft:
         label += "-soft"
+    if l2sp and float(l2sp) > 0:
+        label += "-l2sp" if l2sp_rows == "kva" else f"-l2sp_{l2sp_rows}"
     return label + (f"+lora-r{int(lora_rank)}" if lora_rank else "")
 
 
@@ -70,7 +74,7 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
     d = arch.dims(model)
     q = loki_cfg.q
     source = loki_cfg.positions
-    adaptive = loki_cfg.quota != "uniform"  # a per-layer quota is made from the scores, so no file or shipped set
+    adaptive = needs_scores(loki_cfg)  # a per-layer quota or |KVA| weights are made from the scores, so no file or shipped set
     if source:
         path = published_positions_path(cfg.model.name, check_q(q)) if source == "published" else Path(source)
         positions = validate_positions(load_positions(path), d.num_layers, d.hidden_size, where=str(path))
@@ -104,7 +108,7 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
     if loki_cfg.scores == "auto":
         store_dir = attribution.default_store(cfg)
         if not ScoreStore.exists(store_dir):
-            shipped, why_not = None, "loki.use_shipped=false" if not adaptive else f"loki.quota={loki_cfg.quota} needs the scores"
+            shipped, why_not = None, "loki.use_shipped=false" if not adaptive else f"{adaptive} needs the scores"
             if loki_cfg.use_shipped and not adaptive:  # the same positions, when shipped for exactly this store and selection
                 from loki.shipped import shipped_for
 
@@ -145,7 +149,7 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
             f"{(d.num_layers, d.hidden_size)}; they were made for another model."
         )
     quota, quota_note = None, ""
-    if adaptive:  # quota=mass: one pass for each layer's mean |score|, then the selection with per-layer k
+    if loki_cfg.quota != "uniform":  # quota=mass: one pass for each layer's mean |score|, then the selection with per-layer k
         from loki.select import adaptive_quota, layer_mass
 
         mass = layer_mass(store.iter_chunks(), expected_shape=(d.num_layers, d.hidden_size))
@@ -161,6 +165,31 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
     )
     positions = validate_positions(positions, d.num_layers, d.hidden_size)
     return positions, f"{loki_cfg.strategy} selection (score={loki_cfg.score}{quota_note}) from {store.num_samples} samples in {store_dir}"
+
+
+def needs_scores(loki_cfg) -> str:
+    """The setting that needs this run's attribution scores themselves (not only positions), or ''."""
+    if loki_cfg.quota != "uniform":
+        return f"loki.quota={loki_cfg.quota}"
+    if float(loki_cfg.get("l2sp") or 0) > 0 and loki_cfg.get("l2sp_rows") == "kva":
+        return "loki.l2sp_rows=kva"
+    return ""
+
+
+def l2sp_row_weights(cfg: DictConfig, model: nn.Module, positions: Positions) -> list[list[float]] | None:
+    """The L2 pull's per-row weights: None (all 1) for l2sp_rows=uniform, else each selected row's mean |score|
+    in the store `resolve_positions` read, over the mean of the selection (loki.implant.kva_row_weights)."""
+    if cfg.loki.l2sp_rows != "kva":
+        return None
+    from loki import attribution
+    from loki.implant import kva_row_weights
+    from loki.select import row_mass
+    from loki.store import ScoreStore
+
+    d = arch.dims(model)
+    store_dir = attribution.default_store(cfg) if cfg.loki.scores == "auto" else Path(cfg.loki.scores).expanduser()
+    store = ScoreStore(store_dir)
+    return kva_row_weights(row_mass(store.iter_chunks(), expected_shape=(d.num_layers, d.hidden_size)), positions)
 
 
 def write_json(path: str | Path, data: Any) -> Path:
@@ -343,7 +372,9 @@ def setup(cfg: DictConfig) -> Setup:
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     arch.dims(model)  # an unsupported architecture stops here, with the list of supported ones
     memory = apply_memory_options(model, cfg.model)  # gradient checkpointing now; compile at fit (below)
-    method = method_label(cfg.loki.enabled, cfg.lora.rank, cfg.loki.q, cfg.loki.strategy, cfg.lora.variant, cfg.loki.quota, bool(cfg.loki.soft))
+    method = method_label(
+        cfg.loki.enabled, cfg.lora.rank, cfg.loki.q, cfg.loki.strategy, cfg.lora.variant, cfg.loki.quota, bool(cfg.loki.soft), cfg.loki.l2sp, cfg.loki.l2sp_rows
+    )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and c.get("_target_")]
     logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else None
     if logger is None:  # LearningRateMonitor refuses to run without a logger
@@ -371,6 +402,10 @@ def setup(cfg: DictConfig) -> Setup:
             out.positions_source += f"; soft selection: updates scaled 1 - i/k' by rank (sum of scales {out.notes['soft']['scale_sum']:g} rows)"
         else:
             out.positions, out.positions_source = resolve_positions(cfg, model, tokenizer)
+        pull_weights = None
+        if float(cfg.loki.l2sp) > 0:  # L2-SP on the trained rows, |KVA|-weighted or uniform
+            pull_weights = l2sp_row_weights(cfg, model, out.positions)
+            out.positions_source += f"; L2 pull to the base rows, weight {float(cfg.loki.l2sp):g}, rows weighted {cfg.loki.l2sp_rows}"
         out.loki_callback = LokiCallback(
             out.positions,
             impl=cfg.loki.impl,
@@ -379,6 +414,8 @@ def setup(cfg: DictConfig) -> Setup:
             lora_dropout=float(cfg.lora.dropout),
             model_name=cfg.model.name,
             row_scales=row_scales,
+            l2sp=float(cfg.loki.l2sp),
+            l2sp_row_weights=pull_weights,
         )
         check_positions(model, out.positions, int(cfg.lora.rank))  # lora.rank > k fails now, before data loading
         out.callbacks.insert(0, out.loki_callback)

@@ -205,7 +205,7 @@ class TrainSchema:
     seed: Any = 0                  # seeds data order, init of LoRA factors and the random strategy
     ckpt_path: Any = None          # a Lightning checkpoint to resume from (e.g. <run dir>/checkpoints/last.ckpt)
     checkpoint_every_n_steps: Any = None  # also checkpoint every N optimizer steps (null: once per epoch)
-    method_name: Any = "${method:${loki.enabled},${lora.rank},${loki.q},${loki.strategy},${lora.variant},${oc.select:loki.quota,uniform},${oc.select:loki.soft,false}}"  # short label for logs and tables
+    method_name: Any = "${method:${loki.enabled},${lora.rank},${loki.q},${loki.strategy},${lora.variant},${oc.select:loki.quota,uniform},${oc.select:loki.soft,false},${oc.select:loki.l2sp,0},${oc.select:loki.l2sp_rows,kva}}"  # short label for logs and tables
     experiment_name: Any = "${task.name}"  # the W&B group of the jobs: an experiment preset names itself, else the task
     lr_schedule: LrScheduleConfig = field(default_factory=LrScheduleConfig)  # the LR after warm-up
     loss: LossConfig = field(default_factory=LossConfig)  # how the training loss is computed, and an optional KL anchor to the base
@@ -262,6 +262,8 @@ class LokiSchema:
     quota_floor: Any = 0.5         # quota=mass: every layer keeps at least this fraction of k rows (at least 1)
     soft: Any = False              # true: soft selection (beyond the paper): soft_span*k rows train, row i of k' with updates scaled by 1 - i/k'
     soft_span: Any = 2.0           # soft: rows trained per layer as a multiple of k; 2 keeps the scales' sum at about k rows
+    l2sp: Any = 0.0                # weight of an L2 pull of the trained rows towards the base rows (L2-SP, beyond the paper); 0 = off
+    l2sp_rows: Any = "kva"         # l2sp: kva = each row's pull scaled by its mean |KVA| (mean 1 over the selection) | uniform = plain L2-SP
     impl: Any = "${oc.select:model.loki_impl,hook}"  # hook: full weight + gradient row mask; rows: only [k, F] fp32 blocks are parameters
 
 

@@ -215,6 +215,12 @@ def adaptive_quota(mass_or_damage: Sequence[float] | torch.Tensor, q: float, hid
 def layer_mass(scores: torch.Tensor | Iterable[torch.Tensor], expected_shape: tuple[int, int] | None = None) -> torch.Tensor:
     """Per-layer attribution mass: the mean |score| over samples and rows, float64 [L], in one streaming
     pass over scores given as for `select_positions` (a tensor [N, L, D] or chunks [n_i, L, D])."""
+    return row_mass(scores, expected_shape).mean(dim=1)
+
+
+def row_mass(scores: torch.Tensor | Iterable[torch.Tensor], expected_shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """Per-row attribution mass: each row's mean |score| over samples, float64 [L, D], in one streaming pass
+    (the weights of the |KVA|-weighted L2 pull, `loki.implant.kva_row_weights`)."""
     shape = tuple(expected_shape) if expected_shape is not None else None
     sums = None
     samples = 0
@@ -222,16 +228,16 @@ def layer_mass(scores: torch.Tensor | Iterable[torch.Tensor], expected_shape: tu
         chunk = _score_chunk(chunk, f"score chunk {chunk_index}", shape)
         shape = tuple(chunk.shape[1:])
         if sums is None:
-            sums = torch.zeros(shape[0], dtype=torch.float64)
+            sums = torch.zeros(shape, dtype=torch.float64)
         for offset, part in zip(range(0, len(chunk), _SAMPLES_PER_STEP), chunk.split(_SAMPLES_PER_STEP)):
-            part_sums = part.double().abs().sum(dim=(0, 2))  # float64 per step: bounded temporaries
+            part_sums = part.double().abs().sum(dim=0)  # float64 per step: bounded temporaries
             if not torch.isfinite(part_sums).all():
                 _raise_not_finite(part, offset, samples, chunk_index)
             sums += part_sums
         samples += len(chunk)
     if samples == 0:
-        raise LokiError("no scores were given (zero samples), so there is no layer mass to measure.")
-    return sums / (samples * shape[1])
+        raise LokiError("no scores were given (zero samples), so there is no attribution mass to measure.")
+    return sums / samples
 
 
 def global_rows(q: float, num_layers: int, hidden_size: int) -> int:

@@ -1,6 +1,6 @@
-"""Issue 20's variants as train.py options: soft selection (per-row learning rates by rank) and the
-adaptive per-layer quota (loki.quota=mass), checked against hand-computed updates and an independent
-selection from the same store. The KL anchor's tests are in test_losses.py, the quota's maths in
+"""Issue 20's variants as train.py options: soft selection (per-row learning rates by rank), the
+adaptive per-layer quota (loki.quota=mass) and the L2 pull of the rows towards the base (loki.l2sp), checked
+against hand-computed updates and an independent selection from the same store. The KL anchor's tests are in test_losses.py, the quota's maths in
 test_select_quota.py."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from loki.config import check_train_config
 from loki.errors import LokiError
-from loki.implant import attach_optimizer, attach_row_scales, install, merge, soft_scales
+from loki.implant import RowPull, attach_optimizer, attach_row_scales, install, kva_row_weights, merge, soft_scales
 from loki.implant.guard import RowStepScale
 from tests.conftest import compose_config, make_tiny_model, optimizer_step, run_train
 
@@ -81,6 +81,100 @@ def test_soft_selection_refuses_lora_on_the_rows():
         attach_row_scales(handle, optimizer, soft_scales([[1, 2], [3, 4]]))
 
 
+# ---- the L2 pull (L2-SP) -------------------------------------------------------------------------
+
+
+def test_row_mass_and_kva_row_weights_by_hand():
+    from loki.select import layer_mass, row_mass
+
+    scores = torch.tensor([[[1.0, -2.0, 0.0], [4.0, 0.5, -1.0]], [[-3.0, 2.0, 1.0], [0.0, -0.5, 3.0]]])  # [N=2, L=2, D=3]
+    mass = row_mass(iter(scores.split(1)))  # streamed, one sample per chunk
+    assert mass.tolist() == [[2.0, 2.0, 0.5], [2.0, 0.5, 2.0]]
+    assert layer_mass(scores).tolist() == [1.5, 1.5]
+    # rows (0,2), (0,0) and (1,1): masses 0.5, 2 and 0.5, mean 1
+    assert kva_row_weights(mass, [[2, 0], [1]]) == [[0.5, 2.0], [0.5]]
+    assert kva_row_weights(mass, [[], [0, 2]]) == [[], [1.0, 1.0]]
+    with pytest.raises(LokiError, match="positive"):
+        kva_row_weights(torch.zeros(2, 3), [[1], [2]])
+
+
+POSITIONS = [[5, 1, 9], [], [0, 12]]
+
+
+def _tiny_pull(impl, lora_rank=0):
+    model = make_tiny_model("llama", layers=3, hidden=16, intermediate=24, vocab=50)
+    base = [layer.mlp.down_proj.weight.detach().clone() for layer in model.model.layers]
+    handle = install(model, POSITIONS, impl=impl, lora_rank=lora_rank)
+    weights = [[1.0, 0.5, 2.0], [], [0.25, 1.5]]
+    return model, base, handle, RowPull(handle, 0.3, weights), weights
+
+
+@pytest.mark.parametrize("impl, lora_rank", [("hook", 0), ("rows", 0), ("rows", 2)])
+def test_row_pull_value_and_gradient_against_the_merged_weights(impl, lora_rank):
+    model, base, handle, pull, weights = _tiny_pull(impl, lora_rank)
+    assert pull().item() == 0.0  # at the base weights
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # move every trainable tensor (for hook: only its selected rows can be trained)
+        for p in handle.trainable_parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    value = pull()
+    value.backward()
+    grads = {id(p): p.grad.clone() for p in handle.trainable_parameters()}
+    params = handle.trainable_parameters()
+    merge(model, handle)
+    merged = [layer.mlp.down_proj.weight.detach() for layer in model.model.layers]
+    # oracle: the merged weights' selected rows against the base, weighted by hand (for hook the noise moved
+    # every row of the masked weights, but only the selected rows are pulled)
+    delta = {(l, r): merged[l][r] - base[l][r] for l, rows in enumerate(POSITIONS) for r in rows}
+    if impl == "rows":
+        for l, rows in enumerate(POSITIONS):  # rows and LoRA leave every other row bit-identical
+            others = [r for r in range(16) if r not in rows]
+            assert torch.equal(merged[l][others], base[l][others])
+    expected = 0.5 * 0.3 * sum(w * delta[(l, r)].double().pow(2).sum() for l, rows in enumerate(POSITIONS) for r, w in zip(rows, weights[l]))
+    torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-9)
+    if lora_rank == 0:  # d pull / d W[r] = 0.3 * w_r * (W[r] - W0[r]); zero on every other row
+        for i, (l, rows) in enumerate((l, rows) for l, rows in enumerate(POSITIONS) if rows):
+            grad = grads[id(params[i])]
+            index = sorted(rows)
+            by_row = dict(zip(rows, weights[l]))
+            for j, r in enumerate(index):
+                want = 0.3 * by_row[r] * delta[(l, r)]
+                torch.testing.assert_close(grad[r] if impl == "hook" else grad[j], want, rtol=1e-5, atol=1e-8)
+            if impl == "hook":
+                others = [r for r in range(16) if r not in rows]
+                assert torch.equal(grad[others], torch.zeros_like(grad[others]))
+
+
+@pytest.mark.parametrize("impl", ["hook", "rows"])
+def test_an_sgd_step_on_the_pull_alone_shrinks_each_row_towards_the_base(impl):
+    """W[r] - W0[r] becomes (1 - lr * weight * w_r) (W[r] - W0[r]); everything else stays bit-identical."""
+    model, base, handle, pull, weights = _tiny_pull(impl)
+    with torch.no_grad():
+        for p in handle.trainable_parameters():
+            p.add_(0.1)
+    optimizer = torch.optim.SGD(handle.trainable_parameters(), lr=0.5)
+    attach_optimizer(handle, optimizer)
+    pull().backward()
+    optimizer.step()
+    merge(model, handle)
+    for l, (rows, ws) in enumerate(zip(POSITIONS, weights)):
+        weight = model.model.layers[l].mlp.down_proj.weight.detach()
+        for r, w in zip(rows, ws):
+            torch.testing.assert_close(weight[r] - base[l][r], torch.full((24,), (1 - 0.5 * 0.3 * w) * 0.1), rtol=1e-4, atol=1e-6)
+        if impl == "rows":
+            others = [r for r in range(16) if r not in rows]
+            assert torch.equal(weight[others], base[l][others])
+
+
+def test_row_pull_is_checked():
+    model = make_tiny_model("llama", hidden=16, intermediate=24, vocab=50)
+    handle = install(model, [[1, 2], [3]], impl="rows")
+    with pytest.raises(LokiError, match="one weight per selected row"):
+        RowPull(handle, 1.0, [[1.0], [1.0]])
+    with pytest.raises(LokiError, match="0 or more"):
+        RowPull(handle, -1.0)
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [
@@ -90,6 +184,9 @@ def test_soft_selection_refuses_lora_on_the_rows():
         (("loki.soft=true", "lora.rank=4"), "loki.soft"),
         (("loki.soft=true", "loki.q=0.3", "loki.soft_span=4"), "loki.soft_span"),
         (("loki.soft=yes",), "loki.soft"),
+        (("loki.l2sp=-0.1",), "loki.l2sp"),
+        (("loki.l2sp_rows=norm",), "loki.l2sp_rows"),
+        (("loki.l2sp=1", "loki.strategy=smallest_norm"), "loki.l2sp_rows"),
     ],
 )
 def test_variant_settings_are_checked(overrides, match):
@@ -101,6 +198,9 @@ def test_method_labels_name_the_variants():
     cfg = compose_config("train", "model=tiny", "task=tiny_rerank", "loki.quota=mass", "loki.soft=true", "loki.q=0.2")
     assert cfg.method_name == "loki-q0.2-mass-soft"
     assert compose_config("train", "model=tiny", "task=tiny_rerank").method_name == "loki-q0.1"
+    assert compose_config("train", "model=tiny", "task=tiny_rerank", "loki.l2sp=0.5").method_name == "loki-q0.1-l2sp"
+    cfg = compose_config("train", "model=tiny", "task=tiny_rerank", "loki.l2sp=0.5", "loki.l2sp_rows=uniform", "loki.strategy=random")
+    assert cfg.method_name == "loki-q0.1-random-l2sp_uniform"
 
 
 TINY = ("model=tiny", "task=tiny_rerank", "trainer.max_steps=2", "trainer.max_epochs=5", "evaluate.validation_task_metric=false",
@@ -127,3 +227,20 @@ def test_train_py_with_the_mass_quota_and_soft_selection(tmp_path):
     assert [len(layer) for layer in positions] == [16] * 4  # the selection at q = 0.125 x 2
     assert positions == select_positions(store.iter_chunks(), 0.25, score="abs")
     assert metrics["method"] == "loki-q0.125-soft"
+    # the |KVA|-weighted L2 pull: the same rows; a huge pull holds them nearer the base than no pull does
+    from loki.implant.adapter import read_adapter
+    from loki.models import load_model_and_tokenizer
+
+    adapter = [o for o in TINY if not o.startswith("export.")] + [cache, "loki.q=0.25", "export.format=adapter", "trainer.max_steps=3"]
+    moved = {}
+    for name, weight in (("free", "0"), ("pulled", "1e6")):
+        metrics = run_train(tmp_path / name, *adapter, f"loki.l2sp={weight}")
+        positions, rows, _ = read_adapter(tmp_path / name / "adapter")
+        assert positions == [sorted(layer) for layer in select_positions(store.iter_chunks(), 0.25, score="abs")]  # stored sorted
+        moved[name] = rows
+    assert metrics["method"] == "loki-q0.25-l2sp"
+    base, _ = load_model_and_tokenizer(compose_config("train", *TINY).model)
+    for layer, index in enumerate(positions):
+        start = base.model.layers[layer].mlp.down_proj.weight.detach()[index]
+        free, pulled = ((moved[name][layer].float() - start).norm() for name in ("free", "pulled"))
+        assert 0 < pulled < 0.5 * free, (layer, float(pulled), float(free))

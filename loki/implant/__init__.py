@@ -4,6 +4,7 @@ One method, one place, in three parts (like PEFT's tuner folders):
 - `layer.py`: `LokiDownProj`, the trainable `[k, F]` rows or LoRA on them, and `row_mask`;
 - `guard.py`: the gradient row mask and the optimizer guard that keeps weight decay off frozen rows;
 - `model.py`: `install`, `attach_optimizer`, `merge`, `export_model` and the checks;
+- `pull.py`: `RowPull`, an L2 pull of the trained rows towards the base (L2-SP), optionally |KVA|-weighted;
 - `adapter.py`: small exports (only the trained rows) and `load_adapter`, which applies one to its base.
 
 Plain torch: importing this package loads no Lightning, Hydra or OmegaConf. The Lightning callback is
@@ -28,13 +29,16 @@ from loki.implant.model import (
     positions_digest,
     soft_scales,
 )
+from loki.implant.pull import L2SP_ROWS, RowPull, kva_row_weights
 
 __all__ = [
     "EXPORT_FORMATS",
     "IMPLS",
+    "L2SP_ROWS",
     "LokiDownProj",
     "LokiHandle",
     "RowGuard",
+    "RowPull",
     "attach_optimizer",
     "attach_row_scales",
     "base_digest",
@@ -45,6 +49,7 @@ __all__ = [
     "export_format",
     "export_model",
     "install",
+    "kva_row_weights",
     "load_adapter",
     "mask_gradient",
     "master_dtype",

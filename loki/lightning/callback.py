@@ -15,6 +15,7 @@ from loki.arch import dims
 from loki.errors import LokiError
 from loki.implant import (
     LokiHandle,
+    RowPull,
     attach_optimizer,
     attach_row_scales,
     check_optimizer_holds,
@@ -59,11 +60,18 @@ class LokiCallback(pl.Callback):
         lora_dropout: float = 0.0,
         model_name: str | None = None,
         row_scales=None,
+        l2sp: float = 0.0,
+        l2sp_row_weights=None,
     ):
         check_options(impl, lora_rank, lora_alpha, lora_dropout)
         if row_scales is not None and lora_rank:
             raise LokiError("per-row learning rates (loki.soft) apply to the rows themselves, not to LoRA on them; use lora.rank=0.")
         self.row_scales = row_scales  # soft selection: one update factor per selected row (positions' order), or None
+        if OmegaConf.is_config(l2sp_row_weights):
+            l2sp_row_weights = OmegaConf.to_container(l2sp_row_weights, resolve=True)
+        if not float(l2sp) >= 0:
+            raise LokiError(f"loki.l2sp (the L2 pull's weight) must be 0 or more, got {l2sp!r}.")
+        self.l2sp, self.l2sp_row_weights = float(l2sp), l2sp_row_weights  # L2-SP on the rows: weight, per-row weights (positions' order) or None = 1
         if OmegaConf.is_config(positions):  # hydra.utils.instantiate passes a ListConfig by default
             positions = OmegaConf.to_container(positions, resolve=True)
         self.positions = load_positions(positions)  # unreadable / non-JSON files fail at construction
@@ -92,6 +100,10 @@ class LokiCallback(pl.Callback):
         model_dims = dims(model)
         validate_positions(self.positions, model_dims.num_layers, model_dims.hidden_size, self.positions_source)
         self.handle = install(model, self.positions, self.impl, self.lora_rank, self.lora_alpha, self.lora_dropout)
+        if self.l2sp > 0:  # taken now, at the base weights (a resume loads its trained rows after setup)
+            if not isinstance(getattr(pl_module, "penalties", None), dict):
+                raise LokiError("loki.l2sp needs a LightningModule with a `penalties` dict (loki.lightning.CausalLMModule has one).")
+            pl_module.penalties["l2sp"] = RowPull(self.handle, self.l2sp, self.l2sp_row_weights)
         strategy = getattr(trainer, "strategy", None)
         # FSDP and DeepSpeed shard and load state dicts their own way (and restore after strategy setup):
         # they keep Lightning's normal checkpoints.
@@ -126,6 +138,9 @@ class LokiCallback(pl.Callback):
                 )
 
     def _merge(self, pl_module: pl.LightningModule) -> None:
+        penalties = getattr(pl_module, "penalties", None)
+        if isinstance(penalties, dict):
+            penalties.pop("l2sp", None)  # it reads LoKI's trainable tensors, which merge removes
         if self._module_strict_loading is not None:
             pl_module.strict_loading = self._module_strict_loading
             self._module_strict_loading = None

@@ -5,6 +5,8 @@ finds it), the loss is the causal-LM loss over `labels` (-100 = ignored), and th
 every parameter that still requires a gradient, so whatever LoKI, LoRA or nothing left trainable is what
 trains. `loss` (LossConfig) may compute that loss with the output head on labelled positions only, and
 may add a KL anchor to the base model's distributions on fixed prompts (loki.losses), for every method.
+Callbacks may add penalty terms (`penalties`: name -> a callable returning a scalar), such as LoKI's L2
+pull of the trained rows towards the base (loki.implant.RowPull); each is logged as `train/<name>`.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class CausalLMModule(pl.LightningModule):
             raise LokiError("loss.anchor_weight > 0 needs the base model's anchor distributions (loki.losses.anchor_targets).")
         self.anchor = anchor
         self._anchor_order: torch.Tensor | None = None  # a seeded permutation of the anchor prompts, walked in batches
+        self.penalties: dict[str, Callable[[], torch.Tensor]] = {}  # added to the training loss (set by callbacks in setup)
 
     def on_fit_start(self) -> None:
         # from_pretrained returns eval mode, retention "before" may leave it so, and Lightning keeps module
@@ -97,6 +100,10 @@ class CausalLMModule(pl.LightningModule):
             kl = anchor_kl(self.model, self.anchor.batch(self._anchor_rows(self.global_step)))
             self.log("train/anchor_kl", kl, batch_size=size)
             loss = loss + weight * kl
+        for name, penalty in self.penalties.items():
+            value = penalty()
+            self.log(f"train/{name}", value.detach(), batch_size=size)
+            loss = loss + value.to(loss.device)
         return loss
 
     def _anchor_rows(self, step: int) -> torch.Tensor:
