@@ -322,6 +322,7 @@ def check_train_config(cfg: DictConfig) -> None:
     c.integer("loki.seed")
     c.one_of("loki.quota", QUOTAS)
     c.number("loki.quota_floor", 0, 1)
+    c.integer("loki.damage_prompts", low=1)
     c.boolean("loki.soft")
     if c.get("loki.soft"):
         c.number("loki.soft_span", 1, float("inf"))

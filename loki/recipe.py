@@ -149,12 +149,20 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
             f"{(d.num_layers, d.hidden_size)}; they were made for another model."
         )
     quota, quota_note = None, ""
-    if loki_cfg.quota != "uniform":  # quota=mass: one pass for each layer's mean |score|, then the selection with per-layer k
+    if loki_cfg.quota == "mass":  # one pass for each layer's mean |score|, then the selection with per-layer k
         from loki.select import adaptive_quota, layer_mass
 
         mass = layer_mass(store.iter_chunks(), expected_shape=(d.num_layers, d.hidden_size))
         quota = adaptive_quota(mass, q, d.hidden_size, floor_ratio=float(loki_cfg.quota_floor))
         quota_note = f", per-layer quota by attribution mass {quota}"
+    elif loki_cfg.quota == "damage":  # each layer's KL when its k selected rows alone are zeroed (cached beside the store)
+        from loki.select import adaptive_quota
+
+        uniform = select_positions(store.iter_chunks(), q, strategy=loki_cfg.strategy, seed=int(loki_cfg.seed), score=loki_cfg.score)
+        damage = suppression_damage(cfg, model, tokenizer, uniform, store_dir)
+        floor_value = 1e-3 * float(damage.mean())  # a layer its zeroed rows do not move at all still gets a finite share
+        quota = adaptive_quota(damage.clamp_min(floor_value), q, d.hidden_size, floor_ratio=float(loki_cfg.quota_floor))
+        quota_note = f", per-layer quota by suppression damage {quota}"
     positions = select_positions(
         store.iter_chunks(),
         q,
@@ -165,6 +173,31 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
     )
     positions = validate_positions(positions, d.num_layers, d.hidden_size)
     return positions, f"{loki_cfg.strategy} selection (score={loki_cfg.score}{quota_note}) from {store.num_samples} samples in {store_dir}"
+
+
+def suppression_damage(cfg: DictConfig, model: nn.Module, tokenizer: Any, positions: Positions, store_dir: Path) -> torch.Tensor:
+    """`loki.damage.layer_damage` of `positions` on `loki.damage_prompts` attribution prompts spread evenly,
+    cached in `<store>/damage/` under the positions and the prompt count (the store fixes model and prompts)."""
+    from loki import attribution
+    from loki.attribution import build_prompts
+    from loki.damage import layer_damage
+
+    count = int(cfg.loki.damage_prompts)
+    path = Path(store_dir) / "damage" / f"{settings_digest({'positions': [list(map(int, r)) for r in positions], 'prompts': count}, 16)}.json"
+    if path.is_file():
+        return torch.tensor(json.loads(path.read_text())["damage"], dtype=torch.float64)
+    _, data = attribution.settings(cfg)
+    rows = attribution.load_rows(data)
+    prompts = build_prompts(rows, tokenizer, system_prompt=data.get("system_prompt"), style=data.get("prompt") or "letter")
+    count = min(count, len(prompts))
+    chosen = [prompts[(i * len(prompts)) // count]["input_ids"] for i in range(count)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.to(eval_device(cfg))
+    log.info("Suppression damage: zeroing each layer's %d selected rows in turn, KL at the last token of %d attribution prompts.", len(positions[0]), count)
+    damage = layer_damage(model, chosen, positions, pad_id)
+    if is_rank_zero():
+        write_json(path, {"damage": damage.tolist(), "prompts": count, "measure": "mean KL(base || layer's rows zeroed) at the last token"})
+    return damage
 
 
 def needs_scores(loki_cfg) -> str:

@@ -258,8 +258,9 @@ class LokiSchema:
     strategy: Any = "layer_balanced"  # layer_balanced | layer_balanced_highest | global_lowest | global_highest | random | smallest_norm
     score: Any = "abs"             # abs: rank by magnitude (least damage on SmolLM2, docs/real_model.md); signed: the paper's reading
     seed: Any = 0                  # seed of the `random` strategy
-    quota: Any = "uniform"         # uniform: k rows in every layer (the paper) | mass: the same L*k rows spread by 1 / each layer's mean |KVA| (beyond the paper)
-    quota_floor: Any = 0.5         # quota=mass: every layer keeps at least this fraction of k rows (at least 1)
+    quota: Any = "uniform"         # uniform: k rows in every layer (the paper) | mass: the same L*k rows spread by 1 / each layer's mean |KVA| | damage: by 1 / the KL when its k rows are zeroed (both beyond the paper)
+    quota_floor: Any = 0.5         # quota=mass|damage: every layer keeps at least this fraction of k rows (at least 1)
+    damage_prompts: Any = 32       # quota=damage: attribution prompts (spread evenly; retention never reads them) the suppression KL is measured on
     soft: Any = False              # true: soft selection (beyond the paper): soft_span*k rows train, row i of k' with updates scaled by 1 - i/k'
     soft_span: Any = 2.0           # soft: rows trained per layer as a multiple of k; 2 keeps the scales' sum at about k rows
     l2sp: Any = 0.0                # weight of an L2 pull of the trained rows towards the base rows (L2-SP, beyond the paper); 0 = off

@@ -54,8 +54,9 @@ NO_SCORE_STRATEGIES = ("random", "smallest_norm")
 STRATEGIES = (*SCORE_STRATEGIES, "smallest_norm")
 SCORE_MODES = ("signed", "abs")
 # Per-layer row budgets: uniform = k = floor(q*D) in every layer (the paper); mass = the same total by
-# `adaptive_quota` over each layer's attribution mass (`layer_mass`).
-QUOTAS = ("uniform", "mass")
+# `adaptive_quota` over each layer's attribution mass (`layer_mass`); damage = the same over each layer's
+# suppression damage (`loki.damage.layer_damage`).
+QUOTAS = ("uniform", "mass", "damage")
 # Samples handled at once inside a chunk: bounds the temporaries (a few bytes per score).
 _SAMPLES_PER_STEP = 64
 

@@ -175,6 +175,47 @@ def test_row_pull_is_checked():
         RowPull(handle, -1.0)
 
 
+# ---- the suppression-damage quota ----------------------------------------------------------------
+
+
+def _oracle_damage(model, prompts, positions):
+    """Independent: a copy of the model per layer with the rows zeroed, one prompt at a time, torch's kl_div."""
+    import copy
+
+    def last(m, p):
+        return torch.log_softmax(m(input_ids=torch.tensor([p])).logits[0, -1].double(), dim=-1)
+
+    out = []
+    with torch.no_grad():
+        base = [last(model, p) for p in prompts]
+        for layer, rows in enumerate(positions):
+            other = copy.deepcopy(model)
+            other.model.layers[layer].mlp.down_proj.weight[rows] = 0.0
+            kls = [torch.nn.functional.kl_div(last(other, p), b, log_target=True, reduction="sum") for p, b in zip(prompts, base)]
+            out.append(float(torch.stack(kls).mean()) if rows else 0.0)
+    return out
+
+
+def test_layer_damage_against_zeroed_copies_and_the_weights_come_back():
+    from loki.damage import layer_damage
+
+    model = make_tiny_model("llama", layers=3, hidden=16, intermediate=24, vocab=50).double().eval()
+    with torch.no_grad():  # larger FFN outputs, so that zeroing a few rows moves the answer well above rounding
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.mul_(20.0)
+    prompts = [[3, 7, 9, 1], [4, 4], [10, 11, 12, 13, 14, 15, 2]]  # different lengths: right padding must not matter
+    positions = [[1, 5, 9], [0, 2], []]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    damage = layer_damage(model, prompts, positions, pad_id=0, batch_size=2)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # restored bit for bit
+    assert damage.dtype == torch.float64 and damage[2] == 0.0 and (damage[:2] > 0).all()
+    torch.testing.assert_close(damage, torch.tensor(_oracle_damage(model, prompts, positions), dtype=torch.float64), rtol=1e-9, atol=1e-12)
+    assert damage[0] > 1e-6 and damage[1] > 1e-6  # far above float64 rounding
+    with torch.no_grad():  # rows that are already zero: zeroing them changes nothing
+        model.model.layers[1].mlp.down_proj.weight[[0, 2]] = 0.0
+    assert layer_damage(model, prompts, positions, pad_id=0)[1] == 0.0
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [
@@ -184,6 +225,8 @@ def test_row_pull_is_checked():
         (("loki.soft=true", "lora.rank=4"), "loki.soft"),
         (("loki.soft=true", "loki.q=0.3", "loki.soft_span=4"), "loki.soft_span"),
         (("loki.soft=yes",), "loki.soft"),
+        (("loki.quota=damage", "loki.strategy=smallest_norm"), "loki.quota"),
+        (("loki.quota=damage", "loki.damage_prompts=0"), "loki.damage_prompts"),
         (("loki.l2sp=-0.1",), "loki.l2sp"),
         (("loki.l2sp_rows=norm",), "loki.l2sp_rows"),
         (("loki.l2sp=1", "loki.strategy=smallest_norm"), "loki.l2sp_rows"),
@@ -199,6 +242,7 @@ def test_method_labels_name_the_variants():
     assert cfg.method_name == "loki-q0.2-mass-soft"
     assert compose_config("train", "model=tiny", "task=tiny_rerank").method_name == "loki-q0.1"
     assert compose_config("train", "model=tiny", "task=tiny_rerank", "loki.l2sp=0.5").method_name == "loki-q0.1-l2sp"
+    assert compose_config("train", "model=tiny", "task=tiny_rerank", "loki.quota=damage").method_name == "loki-q0.1-damage"
     cfg = compose_config("train", "model=tiny", "task=tiny_rerank", "loki.l2sp=0.5", "loki.l2sp_rows=uniform", "loki.strategy=random")
     assert cfg.method_name == "loki-q0.1-random-l2sp_uniform"
 
@@ -222,6 +266,16 @@ def test_train_py_with_the_mass_quota_and_soft_selection(tmp_path):
     assert [len(layer) for layer in positions] == quota and sum(quota) == 4 * 16 and min(quota) >= 8
     assert positions == select_positions(store.iter_chunks(), 0.25, score="abs", quota=quota)
     assert metrics["method"] == "loki-q0.25-mass"
+    # the damage quota: the uniform selection's per-layer suppression KL, cached beside the store, spread the same way
+    metrics = run_train(tmp_path / "damage", *TINY, cache, "loki.q=0.25", "loki.quota=damage", "loki.damage_prompts=4")
+    (cached,) = (store.dir / "damage").glob("*.json")
+    damage = torch.tensor(json.loads(cached.read_text())["damage"], dtype=torch.float64)
+    assert json.loads(cached.read_text())["prompts"] == 4 and (damage > 0).all()
+    quota = adaptive_quota(damage, 0.25, 64)
+    positions = json.loads((tmp_path / "damage" / "positions.json").read_text())
+    assert [len(layer) for layer in positions] == quota and sum(quota) == 4 * 16
+    assert positions == select_positions(store.iter_chunks(), 0.25, score="abs", quota=quota)
+    assert metrics["method"] == "loki-q0.25-damage"
     metrics = run_train(tmp_path / "soft", *TINY, cache, "loki.q=0.125", "loki.soft=true")
     positions = json.loads((tmp_path / "soft" / "positions.json").read_text())
     assert [len(layer) for layer in positions] == [16] * 4  # the selection at q = 0.125 x 2
