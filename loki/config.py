@@ -126,6 +126,11 @@ def _check_sharded(c: _Checker) -> None:
             f"loki.impl=hook cannot run with trainer.strategy={sharded} (its row-masking hooks and weight-decay guard "
             "see flattened, sharded parameters and would silently train unselected rows); use loki.impl=rows."
         )
+    if sharded and c.get("loki.enabled") and float(c.get("loki.l2sp") or 0) > 0:
+        raise LokiError(
+            f"loki.l2sp cannot run with trainer.strategy={sharded} (the L2 pull reads whole rows, which that strategy "
+            "shards); use a single device or trainer.strategy=ddp."
+        )
 
 
 def _check_kva_and_data(c: _Checker) -> None:

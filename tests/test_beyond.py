@@ -229,6 +229,7 @@ def test_layer_damage_against_zeroed_copies_and_the_weights_come_back():
         (("loki.quota=damage", "loki.damage_prompts=0"), "loki.damage_prompts"),
         (("loki.l2sp=-0.1",), "loki.l2sp"),
         (("loki.l2sp_rows=norm",), "loki.l2sp_rows"),
+        (("loki.l2sp=1", "loki.impl=rows", "trainer.strategy=fsdp"), "loki.l2sp"),
         (("loki.l2sp=1", "loki.strategy=smallest_norm"), "loki.l2sp_rows"),
     ],
 )
