@@ -178,20 +178,14 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
 def suppression_damage(cfg: DictConfig, model: nn.Module, tokenizer: Any, positions: Positions, store_dir: Path) -> torch.Tensor:
     """`loki.damage.layer_damage` of `positions` on `loki.damage_prompts` attribution prompts spread evenly,
     cached in `<store>/damage/` under the positions and the prompt count (the store fixes model and prompts)."""
-    from loki import attribution
-    from loki.attribution import build_prompts
     from loki.damage import layer_damage
 
     count = int(cfg.loki.damage_prompts)
     path = Path(store_dir) / "damage" / f"{settings_digest({'positions': [list(map(int, r)) for r in positions], 'prompts': count}, 16)}.json"
     if path.is_file():
         return torch.tensor(json.loads(path.read_text())["damage"], dtype=torch.float64)
-    _, data = attribution.settings(cfg)
-    rows = attribution.load_rows(data)
-    prompts = build_prompts(rows, tokenizer, system_prompt=data.get("system_prompt"), style=data.get("prompt") or "letter")
-    count = min(count, len(prompts))
-    chosen = [prompts[(i * len(prompts)) // count]["input_ids"] for i in range(count)]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    chosen, pad_id = attribution_prompt_ids(cfg, tokenizer, count)
+    count = len(chosen)
     model.to(eval_device(cfg))
     log.info("Suppression damage: zeroing each layer's %d selected rows in turn, KL at the last token of %d attribution prompts.", len(positions[0]), count)
     damage = layer_damage(model, chosen, positions, pad_id)
@@ -542,21 +536,30 @@ def build_module(cfg: DictConfig, setup: Setup) -> CausalLMModule:
     return CausalLMModule(setup.model, optimizer=optimizer, lr_schedule=OmegaConf.to_container(cfg.lr_schedule), loss=loss, anchor=anchor)
 
 
+def attribution_prompt_ids(cfg: DictConfig, tokenizer: Any, count: int) -> tuple[list[list[int]], int]:
+    """(`count` attribution prompts' token ids, spread evenly over the prompt list of the `data` group, which
+    retention never reads; the pad id): the KL anchor's and the suppression damage's prompts."""
+    from loki import attribution
+    from loki.attribution import build_prompts
+
+    _, data = attribution.settings(cfg)
+    rows = attribution.load_rows(data)
+    prompts = build_prompts(rows, tokenizer, system_prompt=data.get("system_prompt"), style=data.get("prompt") or "letter")
+    count = min(count, len(prompts))
+    chosen = [prompts[(i * len(prompts)) // count]["input_ids"] for i in range(count)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return chosen, pad_id
+
+
 def build_anchor(cfg: DictConfig, setup: Setup):
     """The base model's next-token distributions on `loss.anchor_prompts` attribution prompts, spread evenly
     over the prompt list (the `data` group, which retention never reads). Made before fit, while the model
     still computes the base function: LoKI installs its rows at fit setup, and peft adapters start at zero
     (PiSSA, CorDA and OSF re-split the same weights)."""
-    from loki import attribution
-    from loki.attribution import build_prompts
     from loki.losses import anchor_targets
 
-    _, data = attribution.settings(cfg)
-    rows = attribution.load_rows(data)
-    prompts = build_prompts(rows, setup.tokenizer, system_prompt=data.get("system_prompt"), style=data.get("prompt") or "letter")
-    count = min(int(cfg.loss.anchor_prompts), len(prompts))
-    chosen = [prompts[(i * len(prompts)) // count]["input_ids"] for i in range(count)]
-    pad_id = setup.tokenizer.pad_token_id if setup.tokenizer.pad_token_id is not None else setup.tokenizer.eos_token_id
+    chosen, pad_id = attribution_prompt_ids(cfg, setup.tokenizer, int(cfg.loss.anchor_prompts))
+    count = len(chosen)
     setup.model.to(setup.device)
     targets = anchor_targets(setup.model, chosen, pad_id, top_k=cfg.loss.anchor_top_k)
     log.info("KL anchor: %d attribution prompts, %d positions, base top-%s kept.", count, len(targets.log_probs), cfg.loss.anchor_top_k or "all")

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from loki.errors import LokiError
 from loki.implant.layer import LokiDownProj
 from loki.positions import Positions
