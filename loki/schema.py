@@ -22,10 +22,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict
 
 from loki import checks
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the checkout: conf/, the entry points, outputs/
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 BENCHMARK_MODES = ("letter", "cloze", "kl", "lm_loss")
 KL_POSITIONS = ("last", "all")
@@ -546,7 +548,7 @@ class PathsSchema:
     """`paths`: where things go; absolute or env-driven, so nothing depends on the working directory."""
 
     cache_dir: Any = "${oc.env:LOKI_CACHE,${oc.env:HOME}/.cache/loki}"  # per-model artefacts reused across runs (scores, toy model)
-    log_dir: Any = "${oc.env:LOKI_LOG_DIR,outputs}"  # parent of every run dir
+    log_dir: Any = "${oc.env:LOKI_LOG_DIR,${loki_root:}/outputs}"  # parent of every run dir (the checkout's outputs/, wherever the command runs)
     output_dir: Any = "${hydra:runtime.output_dir}"  # this run's dir (Hydra creates it)
 
     def __post_init__(self) -> None:
@@ -592,9 +594,12 @@ def register() -> None:
     """Put the schemas in Hydra's ConfigStore (idempotent): `<group>/_schema` (or a named option's
     `_<option>`) and `task/_<kind>`."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     from loki.tasks import kinds, schema_of
 
+    # ${loki_root:}: the checkout (conf/ and the entry points), so paths.log_dir does not follow the working directory
+    OmegaConf.register_new_resolver("loki_root", lambda: str(PROJECT_ROOT), replace=True)
     store = ConfigStore.instance()
     store.store(name="_train_schema", node=TrainSchema)
     for group, name, node in (

@@ -177,3 +177,25 @@ def test_training_runs_in_train_mode_and_validation_in_eval_mode(method, tmp_pat
     assert seen["val_none_training"] and all(seen["val_none_training"])
     assert seen["val_passes_differ"] and not any(seen["val_passes_differ"])  # evaluation is deterministic
     assert not [w for w in caught if "eval mode at the start of training" in str(w.message)]
+
+
+# ------------------------------------------------------------------------------------- where runs go
+
+def test_log_dir_is_the_checkouts_outputs_wherever_the_command_runs(tmp_path, monkeypatch):
+    from tests.conftest import REPO
+
+    monkeypatch.delenv("LOKI_LOG_DIR")  # the default, not the test session's dir
+    monkeypatch.chdir(tmp_path)  # a command started elsewhere: a relative default would land under tmp_path
+    cfg = compose_config("train", "model=tiny", "task=tiny_rerank")
+    assert cfg.paths.log_dir == str(REPO.resolve() / "outputs")
+    monkeypatch.setenv("LOKI_LOG_DIR", str(tmp_path / "mine"))  # the variable still moves them
+    assert compose_config("train", "model=tiny", "task=tiny_rerank").paths.log_dir == str(tmp_path / "mine")
+
+
+def test_frontier_records_run_dirs_relative_to_the_checkout(tmp_path):
+    from studies.frontier.run import _shown_path
+    from tests.conftest import REPO
+
+    inside = REPO.resolve() / "outputs" / "frontier" / "x" / "runs" / "full" / "lr0.001" / "seed0"
+    assert _shown_path(inside) == "outputs/frontier/x/runs/full/lr0.001/seed0"  # committed points name no machine's folders
+    assert _shown_path(tmp_path / "run") == str((tmp_path / "run").resolve())  # outside the checkout: absolute

@@ -232,6 +232,15 @@ def train_overrides(frontier: FrontierConfig, method: MethodSpec, key: RunKey, r
     ]
 
 
+def _shown_path(path: Path) -> str:
+    """A run dir as points.jsonl records it: relative to the checkout when it lies inside (the committed points
+    then name no machine's folders), else absolute."""
+    from loki.schema import PROJECT_ROOT
+
+    path = Path(path).resolve()
+    return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)
+
+
 def compose_train(overrides: Sequence[str]):
     from hydra import compose, initialize_config_dir
 
@@ -457,7 +466,7 @@ class Frontier:
                     delta = weight_delta(self.base_state(), model)
                 delta.apply(model, alpha)
             measured, items = self.measure(model, tokenizer, with_val=bool(self.frontier.task_val) and alpha == 1.0)
-            point = self.point_record(measured, key.method, key, alpha, int(metrics.get("steps", 0)), str(run_dir))
+            point = self.point_record(measured, key.method, key, alpha, int(metrics.get("steps", 0)), _shown_path(run_dir))
             point.update(id=point_id, settings=digests[alpha], seconds_train=round(train_seconds, 1) if alpha == 1.0 else 0.0,
                          val_loss=metrics.get("val_loss"), trainable=metrics.get("trainable"))
             self.write_point(point, items)
