@@ -356,3 +356,29 @@ def test_reuse_from_copies_a_sibling_frontiers_point_only_under_the_same_setting
     assert third.reuse(point_id, third.settings_digest(third.frontier.methods[1], key, 1.0)) is None
     assert not (tmp_path / "c" / "points" / f"{point_id}.json").exists()
 
+
+
+def test_reuse_from_copies_the_base_only_under_the_same_base_settings(tmp_path, monkeypatch):
+    from studies.frontier.run import Frontier
+
+    first = Frontier(_toy_frontier(name="a"), tmp_path / "a")
+    (tmp_path / "a" / "items").mkdir(parents=True)
+    (tmp_path / "a" / "base_reference").mkdir()
+    (tmp_path / "a" / "base_reference" / "mmlu_kl.kl.pt").write_bytes(b"base distributions")
+    (tmp_path / "a" / "items" / "base.json").write_text('{"task": [{"correct": false}]}')
+    (tmp_path / "a" / "base.json").write_text(json.dumps({"settings": first.base_digest(), "task_metrics": {"acc": 0.25}}))
+
+    def no_measuring(self):
+        raise AssertionError("the base was measured again")
+
+    monkeypatch.setattr(Frontier, "load_base", no_measuring)
+    # another budget and one more method: the points differ, the base's settings do not, so it is copied whole
+    second = Frontier(_toy_frontier(name="b", reuse_from=["a"], steps=5), tmp_path / "b")
+    assert second.base()["task_metrics"] == {"acc": 0.25}
+    assert (tmp_path / "b" / "base_reference" / "mmlu_kl.kl.pt").read_bytes() == b"base distributions"
+    assert json.loads((tmp_path / "b" / "items" / "base.json").read_text()) == {"task": [{"correct": False}]}
+    # other overrides (another task size): another base, which is measured, not copied
+    third = Frontier(_toy_frontier(name="c", reuse_from=["a"], overrides=["task.facts.seed=1", "task.facts.lands=3"]), tmp_path / "c")
+    with pytest.raises(AssertionError, match="measured again"):
+        third.base()
+    assert not (tmp_path / "c" / "base.json").exists()

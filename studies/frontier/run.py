@@ -91,7 +91,7 @@ class FrontierConfig:
     n_boot: Any = 1000             # bootstrap replicates of the intervals
     task_val: Any = False          # also score each trained run on the task's validation items (to choose an LR by them; the tables do not read it)
     threads: Any = 1               # torch threads per process (one process per core is faster on small matrices)
-    reuse_from: Any = field(default_factory=list)  # other frontiers' names (folders beside this one) whose points of the same settings are copied, not remade
+    reuse_from: Any = field(default_factory=list)  # other frontiers' names (folders beside this one) whose base and points of the same settings are copied, not remade
     variants: Any = None           # {variant method: the method it modifies}: publish also writes `variants_page` (studies/frontier/variants.py)
     reference: Any = None          # the paper's method among the methods, which every variant is compared with too
     variants_page: Any = None      # docs/<this>.md, the variants' page (needs `variants`)
@@ -339,6 +339,29 @@ class Frontier:
 
     # -- the base model
 
+    def copy_base_from_siblings(self) -> bool:
+        """Copy the base's measurements (base.json, its items, the stored base distributions) from a `reuse_from`
+        frontier that measured them with exactly this base's settings: the points copied from it and the points
+        made here are then measured against one base, and the base is not measured twice."""
+        import shutil
+
+        from loki.files import write_atomic
+
+        for name in self.frontier.reuse_from:
+            other = self.out.parent / name
+            source, items, reference = other / "base.json", other / "items" / "base.json", other / "base_reference"
+            if not (source.is_file() and items.is_file() and reference.is_dir()):
+                continue
+            if json.loads(source.read_text()).get("settings") != self.base_digest():
+                continue
+            (self.out / "items").mkdir(parents=True, exist_ok=True)
+            shutil.copytree(reference, self.out / "base_reference", dirs_exist_ok=True)
+            write_atomic(self.out / "items" / "base.json", items.read_bytes())
+            write_atomic(self.out / "base.json", source.read_bytes())  # last: its presence says the base is whole
+            log.info("frontier %s: base measurements reused from frontier %s (same settings).", self.frontier.name, name)
+            return True
+        return False
+
     def base(self) -> dict:
         """The base model's measurements (alpha = 0 of every run), made once: task metrics and items,
         retention with the per-text base values, and the stored base distributions the KL reads."""
@@ -349,7 +372,7 @@ class Frontier:
         path = self.out / "base.json"
         self.out.mkdir(parents=True, exist_ok=True)
         with exclusive_lock(self.out / ".base.lock"):
-            if not path.is_file():
+            if not path.is_file() and not self.copy_base_from_siblings():
                 started = time.time()
                 from loki.eval import check_disjoint
 
