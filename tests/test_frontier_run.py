@@ -382,3 +382,28 @@ def test_reuse_from_copies_the_base_only_under_the_same_base_settings(tmp_path, 
     with pytest.raises(AssertionError, match="measured again"):
         third.base()
     assert not (tmp_path / "c" / "base.json").exists()
+
+
+def test_a_grown_grid_keeps_its_points_and_points_stamped_with_the_grid_are_restamped(tmp_path):
+    from studies.frontier.run import Frontier, RunKey
+
+    key = RunKey("full", 1e-3, 0)
+    point_id = key.point_id(1.0)
+    first = Frontier(_toy_frontier(name="a"), tmp_path / "a")
+    method = first.frontier.methods[1]
+    today, with_grid = first.accepted_digests(method, key, 1.0)
+    assert today != with_grid  # the digest of before named the whole grid
+    # one more LR in full's grid: this point's settings are the same, so its digest is too
+    grown = _toy_frontier(name="a", methods=[_toy_frontier().methods[0], {"name": "full", "overrides": ["loki=off"], "lrs": [3e-4, 1e-3, 3e-3]}])
+    assert Frontier(grown, tmp_path / "a").settings_digest(grown.methods[1], key, 1.0) == today
+    # ... but not other overrides under the same label
+    changed = _toy_frontier(name="a", methods=[_toy_frontier().methods[0], {"name": "full", "overrides": ["loki=off", "lora=r16"], "lrs": [1e-3]}])
+    assert Frontier(changed, tmp_path / "a").settings_digest(changed.methods[1], key, 1.0) != today
+    # a point stamped before (with the grid) is reused under the same grid and stamped with today's digest
+    first.write_point({"id": point_id, "settings": with_grid, "task": 0.5}, {"task": []})
+    assert first.reuse(point_id, first.accepted_digests(method, key, 1.0))["task"] == 0.5
+    assert json.loads(first.point_path(point_id).read_text())["settings"] == today
+    # and a point of other settings is still refused
+    first.write_point({"id": point_id, "settings": "0123456789abcdef", "task": 0.5}, {"task": []})
+    with pytest.raises(LokiError, match="was made with other settings"):
+        first.reuse(point_id, first.accepted_digests(method, key, 1.0))

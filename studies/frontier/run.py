@@ -26,8 +26,10 @@ points included. Every shard chooses the same runs from the same points.
 Shards (`shard=i/n`): each takes every n-th run of a pass, then helps with the others' runs still missing,
 from the end of the list. A run is claimed first (`claims/<run>.lock`, a lock the system drops when its
 process dies), so no run is made twice at once, and a shard whose partner died finishes the pass.
-A point is reused only under the settings it was made with (its `settings` digest); otherwise the runner
-stops and names the point.
+A point is reused only under the settings it was made with (its `settings` digest: the design's model,
+task, budget, overrides and eval, and the point's method label and overrides, LR, seed and alpha; not the
+rest of the method's LR grid, so a grid grows without remaking its points); otherwise the runner stops and
+names the point.
 """
 
 from __future__ import annotations
@@ -270,21 +272,31 @@ class Frontier:
 
     # -- settings and files
 
-    def settings_digest(self, method: MethodSpec | None, key: RunKey | None, alpha: float) -> str:
+    def settings_digest(self, method: MethodSpec | None, key: RunKey | None, alpha: float, with_grid: bool = False) -> str:
         """What a point depends on: the design's model, task, budget and overrides, the eval settings, and
-        the run's method, LR, seed and alpha."""
+        the run's method (label and overrides), LR, seed and alpha; not the method's other LRs, so that a grid
+        can grow without remaking its points. `with_grid`: the digest of before (the method's whole LR grid
+        in it), which points made then carry (`accepted_digests`)."""
         from omegaconf import OmegaConf
 
         from loki.files import settings_digest
 
+        spec = asdict(method) if method else None
+        if spec is not None and not with_grid:
+            spec.pop("lrs")
         record = {
             "model": self.frontier.model, "task": self.frontier.task, "steps": self.frontier.steps,
             "overrides": list(self.frontier.overrides),
             "eval": OmegaConf.to_container(self.base_cfg.eval, resolve=True),
-            "method": asdict(method) if method else None, "lr": key.lr if key else None,
+            "method": spec, "lr": key.lr if key else None,
             "seed": key.seed if key else None, "alpha": alpha,
         }
         return settings_digest(record, 16)
+
+    def accepted_digests(self, method: MethodSpec | None, key: RunKey | None, alpha: float) -> tuple[str, str]:
+        """(today's digest, the digest with the grid) of a point: a point stamped with either was made with
+        these settings (the second under this very grid)."""
+        return self.settings_digest(method, key, alpha), self.settings_digest(method, key, alpha, with_grid=True)
 
     def base_digest(self) -> str:
         """What the base's measurements depend on: the design's model, task and overrides, and the eval settings."""
@@ -300,25 +312,34 @@ class Frontier:
     def point_path(self, point_id: str) -> Path:
         return self.out / "points" / f"{point_id}.json"
 
-    def reuse(self, point_id: str, digest: str) -> dict | None:
+    def reuse(self, point_id: str, digests: str | Sequence[str]) -> dict | None:
+        """The point `point_id` if it was made (here or in a `reuse_from` frontier) with these settings, else
+        None. `digests`: today's digest first, then any other that means the same settings
+        (`accepted_digests`); a point stamped with another of them is stamped again with today's."""
+        digests = (digests,) if isinstance(digests, str) else tuple(digests)
         path = self.point_path(point_id)
-        if not path.is_file() and not self.copy_from_siblings(point_id, digest):
+        if not path.is_file() and not self.copy_from_siblings(point_id, digests):
             return None
         point = json.loads(path.read_text())
-        if point.get("settings") != digest:
+        if point.get("settings") not in digests:
             raise LokiError(
                 f"frontier point {point_id} in {self.out} was made with other settings; "
                 "use another frontier.name (or out=...) or delete that point to remake it."
             )
+        if point["settings"] != digests[0]:
+            from loki.files import write_atomic
+
+            point["settings"] = digests[0]
+            write_atomic(path, json.dumps(point, indent=1, sort_keys=True).encode())
         return point
 
-    def copy_from_siblings(self, point_id: str, digest: str) -> bool:
+    def copy_from_siblings(self, point_id: str, digests: Sequence[str]) -> bool:
         """Copy point `point_id` (and its items) from a `reuse_from` frontier where it was made with exactly
-        this point's settings (the same digest: model, task, budget, overrides, eval, method, LR, seed, alpha)."""
+        this point's settings (one of `digests`: model, task, budget, overrides, eval, method, LR, seed, alpha)."""
         for name in self.frontier.reuse_from:
             other = self.out.parent / name
             source = other / "points" / f"{point_id}.json"
-            if not source.is_file() or json.loads(source.read_text()).get("settings") != digest:
+            if not source.is_file() or json.loads(source.read_text()).get("settings") not in digests:
                 continue
             items = other / "items" / f"{point_id}.json"
             if not items.is_file():
@@ -462,8 +483,9 @@ class Frontier:
     def run_unit(self, key: RunKey, alphas: Sequence[float]) -> list[dict]:
         method = next(m for m in self.frontier.methods if m.name == key.method)
         wanted = [(1.0, key.point_id(1.0))] + [(a, key.point_id(a)) for a in alphas]
-        digests = {a: self.settings_digest(method, key, a) for a, _ in wanted}
-        done = {a: self.reuse(pid, digests[a]) for a, pid in wanted}
+        accepted = {a: self.accepted_digests(method, key, a) for a, _ in wanted}
+        digests = {a: accepted[a][0] for a, _ in wanted}
+        done = {a: self.reuse(pid, accepted[a]) for a, pid in wanted}
         if all(done.values()):
             return list(done.values())
         from loki import recipe
