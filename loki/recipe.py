@@ -355,7 +355,7 @@ def _peft_model(cfg: DictConfig, model: nn.Module, tokenizer: Any, device: torch
 
     CorDA's knowledge set is the attribution prompts (the `data` group), which retention never reads; its
     decomposition is cached per model, prompts, rank, targets and mode, so an LR grid computes it once."""
-    from loki.peft_methods import apply_peft, build_peft_config, corda_cache_path
+    from loki.peft_methods import apply_peft, build_peft_config
 
     lora = cfg.lora
     variant = lora.variant
@@ -365,9 +365,7 @@ def _peft_model(cfg: DictConfig, model: nn.Module, tokenizer: Any, device: torch
         from loki import attribution
 
         _, data = attribution.settings(cfg)
-        model_key = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in _SPEED_ONLY_MODEL_KEYS}
-        key = {"model": model_key, "data": data, "rank": int(lora.rank), "targets": targets, "method": lora.corda_method}
-        cache_file = corda_cache_path(cfg.paths.cache_dir, cfg.model.name, key)
+        cache_file = corda_cache_file(cfg)
         if not cache_file.is_file():
             from loki.attribution import build_prompts
 
@@ -569,14 +567,33 @@ def build_anchor(cfg: DictConfig, setup: Setup):
 # -------------------------------------------------------------------------------------------- evaluate
 
 
-# Model settings that change how fast it trains, never what it computes: not part of the retention cache key.
-_SPEED_ONLY_MODEL_KEYS = ("gradient_checkpointing", "compile", "attn_implementation")
+# Model settings that change how fast it trains, how a run trains by default, or where its converted copy is
+# kept, never what the base model computes: not part of the keys of what is cached per base model (retention,
+# CorDA). The LR defaults once were, so a new default LR remade CorDA's hour-long decomposition.
+_RUN_ONLY_MODEL_KEYS = ("gradient_checkpointing", "compile", "attn_implementation", "finetune_lr", "loki_lr", "loki_impl", "cache_dir")
+
+
+def base_model_key(cfg: DictConfig) -> dict:
+    """The model config as far as it decides the base model's outputs (`_RUN_ONLY_MODEL_KEYS` left out)."""
+    return {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in _RUN_ONLY_MODEL_KEYS}
+
+
+def corda_cache_file(cfg: DictConfig) -> Path:
+    """Where CorDA's decomposition for this run is cached: one per base model, knowledge set (the attribution
+    prompts), rank, targets and mode (`loki.peft_methods.corda_cache_path`)."""
+    from loki import attribution
+    from loki.peft_methods import corda_cache_path
+
+    lora = cfg.lora
+    targets = OmegaConf.to_container(lora.target_modules) if OmegaConf.is_config(lora.target_modules) else lora.target_modules
+    _, data = attribution.settings(cfg)
+    key = {"model": base_model_key(cfg), "data": data, "rank": int(lora.rank), "targets": targets, "method": lora.corda_method}
+    return corda_cache_path(cfg.paths.cache_dir, cfg.model.name, key)
 
 
 def _retention_cache_path(cfg: DictConfig) -> Path:
     # The base model's retention depends only on the model and the retention settings: measure it once.
-    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in _SPEED_ONLY_MODEL_KEYS}
-    digest = settings_digest({"model": model, "eval": OmegaConf.to_container(cfg.eval, resolve=True)}, 16)
+    digest = settings_digest({"model": base_model_key(cfg), "eval": OmegaConf.to_container(cfg.eval, resolve=True)}, 16)
     return Path(cfg.paths.cache_dir) / "retention" / f"{safe_name(cfg.model.name)}-{digest}.json"
 
 

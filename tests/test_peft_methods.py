@@ -146,3 +146,17 @@ def test_recipe_builds_corda_over_the_attribution_prompts(tmp_path):
     assert {n for n, p in adapted.named_parameters() if p.requires_grad} and all(
         "lora_" in n for n, p in adapted.named_parameters() if p.requires_grad
     )
+
+
+def test_corda_cache_key_ignores_run_defaults_and_follows_what_the_decomposition_reads(tmp_path):
+    # The decomposition depends on the base model, the knowledge set, rank, targets and mode; the model's
+    # default LRs and implementation choice do not change it, so a new default LR must not remake it.
+    from loki.recipe import corda_cache_file
+
+    base = ("train", "model=tiny", "task=tiny_rerank", "loki=off", "lora=corda", f"paths.cache_dir={tmp_path}")
+    key = corda_cache_file(compose_config(*base))
+    assert key.parent == tmp_path / "corda" and key.name.startswith("tiny-")
+    for same in ("model.loki_lr=0.3", "model.finetune_lr=0.2", "model.loki_impl=rows", "model.gradient_checkpointing=true"):
+        assert corda_cache_file(compose_config(*base, same)) == key, same
+    for other in ("lora.rank=2", "data.per_subject=3", "model.dtype=bfloat16", "lora.corda_method=ipm"):
+        assert corda_cache_file(compose_config(*base, other)) != key, other
