@@ -6,11 +6,12 @@ reads the working directory: every output goes under the run dir that Hydra made
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -554,14 +555,38 @@ def build_anchor(cfg: DictConfig, setup: Setup):
     over the prompt list (the `data` group, which retention never reads). Made before fit, while the model
     still computes the base function: LoKI installs its rows at fit setup, and peft adapters start at zero
     (PiSSA, CorDA and OSF re-split the same weights)."""
-    from loki.losses import anchor_targets
+    from loki.files import write_atomic
+    from loki.losses import AnchorTargets, anchor_targets
 
-    chosen, pad_id = attribution_prompt_ids(cfg, setup.tokenizer, int(cfg.loss.anchor_prompts))
-    count = len(chosen)
     setup.model.to(setup.device)
+    cache_file = anchor_cache_file(cfg, setup.model)
+    if cache_file.is_file():  # every run of a sweep anchors to the same base: one pass over the prompts, not one per run
+        targets = AnchorTargets(**torch.load(cache_file, map_location="cpu", weights_only=True))
+        log.info("KL anchor: %d attribution prompts, %d positions, base top-%s kept (cached at %s).", len(targets), len(targets.log_probs), cfg.loss.anchor_top_k or "all", cache_file)
+        return targets
+    chosen, pad_id = attribution_prompt_ids(cfg, setup.tokenizer, int(cfg.loss.anchor_prompts))
     targets = anchor_targets(setup.model, chosen, pad_id, top_k=cfg.loss.anchor_top_k)
-    log.info("KL anchor: %d attribution prompts, %d positions, base top-%s kept.", count, len(targets.log_probs), cfg.loss.anchor_top_k or "all")
+    if is_rank_zero():
+        buffer = io.BytesIO()
+        torch.save(asdict(targets), buffer)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(cache_file, buffer.getvalue())
+    log.info("KL anchor: %d attribution prompts, %d positions, base top-%s kept.", len(chosen), len(targets.log_probs), cfg.loss.anchor_top_k or "all")
     return targets
+
+
+def anchor_cache_file(cfg: DictConfig, model: Any) -> Path:
+    """Where the KL anchor's base distributions are cached: one per base model, attribution prompts, anchor
+    settings, and the model as the run built it before fit (a peft method's re-split weights compute the base
+    function up to rounding, so each peft config keeps its own), on its device and dtype."""
+    from loki import attribution
+
+    _, data = attribution.settings(cfg)
+    peft = OmegaConf.to_container(cfg.lora, resolve=True) if uses_peft(bool(cfg.loki.enabled), cfg.lora.variant, int(cfg.lora.rank)) else None
+    weight = next(model.parameters())
+    key = {"model": base_model_key(cfg), "data": data, "prompts": int(cfg.loss.anchor_prompts), "top_k": cfg.loss.anchor_top_k,
+           "peft": peft, "device": weight.device.type, "dtype": str(weight.dtype)}
+    return Path(cfg.paths.cache_dir) / "anchor" / f"{safe_name(cfg.model.name)}-{settings_digest(key, 16)}.pt"
 
 
 # -------------------------------------------------------------------------------------------- evaluate

@@ -194,3 +194,37 @@ def test_train_py_runs_with_the_anchor_and_the_labelled_loss(tmp_path):
         else:
             assert torch.equal(before, after), name
     assert moved > 0
+
+
+def test_anchor_targets_are_cached_per_base_model_and_anchor_settings(tmp_path, monkeypatch):
+    """build_anchor computes the base distributions once per model, prompts and anchor settings: the second
+    run reads exactly the same tensors from the cache without a pass over the prompts, and a setting that
+    changes the targets (top_k, prompt count, a peft config) or only the run (an LR) keys its own file or not."""
+    from types import SimpleNamespace
+
+    import loki.losses
+    from loki.models import load_model_and_tokenizer
+    from loki.recipe import anchor_cache_file, attribution_prompt_ids, build_anchor
+
+    base = ("train", "model=tiny", "task=tiny_rerank", f"paths.cache_dir={tmp_path}", "loss.anchor_weight=1", "loss.anchor_prompts=3", "loss.anchor_top_k=4")
+    cfg = compose_config(*base)
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    setup = SimpleNamespace(model=model, tokenizer=tokenizer, device=torch.device("cpu"))
+    first = build_anchor(cfg, setup)
+    prompts, pad_id = attribution_prompt_ids(cfg, tokenizer, 3)
+    direct = anchor_targets(model, prompts, pad_id, top_k=4)  # the independent pass
+    key = anchor_cache_file(cfg, model)
+    assert key.is_file() and key.parent == tmp_path / "anchor"
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the cached anchor ran the model again")
+
+    monkeypatch.setattr(loki.losses, "anchor_targets", no_pass)
+    second = build_anchor(cfg, setup)
+    for name in ("input_ids", "attention_mask", "log_probs", "token_ids"):
+        assert torch.equal(getattr(first, name), getattr(direct, name)), name
+        assert torch.equal(getattr(second, name), getattr(direct, name)), name
+    assert anchor_cache_file(compose_config(*base, "model.loki_lr=0.3", "optimizer.lr=0.2"), model) == key
+    for other in ("loss.anchor_top_k=5", "loss.anchor_prompts=2", "data.per_subject=3"):
+        assert anchor_cache_file(compose_config(*base, other), model) != key, other
+    assert anchor_cache_file(compose_config(*base, "loki=off", "lora=pissa"), model) != anchor_cache_file(compose_config(*base, "loki=off"), model)
