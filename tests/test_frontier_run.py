@@ -288,6 +288,26 @@ def test_the_runner_adds_the_front_seeds_pass_after_the_first_pass(tmp_path, mon
     assert len(points) == 1 + 6 + 4 * 2  # the base, the first pass (4 runs, 2 interpolations), 4 runs with theirs
 
 
+def test_the_estimate_of_what_remains_prices_each_point_at_its_own_methods_rate():
+    """A method with slow runs (an anchored one) is priced at its own rate, not the design's mean; a method
+    with no measured run at the design's mean."""
+    from studies.frontier.publish import rates, remaining_cpu
+
+    def point(method, alpha, train, evaluated):
+        return {"method": method, "alpha": alpha, "seconds_train": train, "seconds_eval": {"task": evaluated}}
+
+    speed = rates([{"method": "base"}, point("fast", 1.0, 90.0, 10.0), point("fast", 1.0, 190.0, 10.0), point("fast", 0.5, 0.0, 30.0),
+                   point("slow", 1.0, 1000.0, 100.0)])
+    # runs: fast 100, 200; slow 1100 -> mean 1400 / 3; interpolations: fast 30
+    assert speed["run"] == pytest.approx(1400 / 3) and speed["interpolation"] == 30.0 and speed["cpu_seconds"] == 1430.0
+    assert speed["methods"] == {"fast": {"run": 150.0, "interpolation": 30.0}, "slow": {"run": 1100.0, "interpolation": None}}
+    left = [("slow__lr0.1__seed1__a1", True), ("slow__lr0.1__seed1__a0.5", False), ("fast__lr0.1__seed1__a1", True),
+            ("new__lr0.1__seed0__a1", True), ("new__lr0.1__seed0__a0.5", False)]
+    cpu, at_mean = remaining_cpu(left, speed)
+    # slow run 1100 + slow interpolation (none of its own: mean 30) + fast run 150 + new run (mean 1400/3) + new interpolation 30
+    assert cpu == pytest.approx(1100 + 30 + 150 + 1400 / 3 + 30) and at_mean == 3
+
+
 def test_publish_writes_the_page_with_its_status_estimate_and_raw_points(tmp_path, monkeypatch):
     """Half a first pass of stand-in runs: the page names what remains and estimates it from the measured rates."""
     from studies.frontier import run as frontier_run
@@ -296,7 +316,8 @@ def test_publish_writes_the_page_with_its_status_estimate_and_raw_points(tmp_pat
     def fake_unit(self, key, alphas):
         for alpha in (1.0, *alphas):
             point = dict(_point(key.method, key.lr, 0.5 * alpha, 0.2 * alpha, key.seed, alpha), id=key.point_id(alpha),
-                         seconds_train=100.0 if alpha == 1.0 else 0.0, seconds_eval={"task": 10.0, "retention": 10.0})
+                         seconds_train=(220.0 if key.method == "full" else 100.0) if alpha == 1.0 else 0.0,
+                         seconds_eval={"task": 10.0, "retention": 10.0})
             self.write_point(point, {})
 
     monkeypatch.setattr(frontier_run.Frontier, "run_unit", fake_unit)
@@ -315,9 +336,11 @@ def test_publish_writes_the_page_with_its_status_estimate_and_raw_points(tmp_pat
     text = page.read_text()
     assert "first pass: 2 of 6 points; front-seeds pass: chosen once the first pass is whole" in text and "**Partial" in text
     assert "- loki-q0.1: 0.03 s0, 0.03 s0 a0.5" in text and "- full: 0.003 s0, 0.003 s0 a0.5" in text
-    # left: 2 runs x (100 + 20) s + 2 interpolation points (no rate measured yet: 0 s) = 240 s of CPU: 4 min, 2 on two processes
-    assert "(120 s a trained run with its evaluation, no interpolation point timed yet, so they count as 0 s" in text
-    assert "the 2 runs and 2 interpolation points left take about 4 min of CPU time, 2 min on two processes" in text
+    # left: a loki run at loki's own rate (100 + 20 s), a full run at full's (220 + 20 s), and 2 interpolation
+    # points (no rate measured yet, by any method: 0 s) = 360 s of CPU: 6 min, 3 on two processes
+    assert "(over the design: 180 s a trained run with its evaluation, no interpolation point timed yet, so they count as 0 s" in text
+    assert "2 of the points left have no rate of their method's own" in text
+    assert "the 2 runs and 2 interpolation points left take about 6 min of CPU time, 3 min on two processes" in text
     data = tmp_path / "docs" / "frontier_data" / "t"
     assert sorted(p.name for p in (data / "items").iterdir()) == ["full__lr0.001__seed0__a1.json", "loki-q0.1__lr0.01__seed0__a1.json"]
     assert len((data / "points.jsonl").read_text().splitlines()) == 3 and (tmp_path / "docs" / "frontier_t.png").is_file()

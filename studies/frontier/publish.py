@@ -43,19 +43,41 @@ def progress(frontier: FrontierConfig, measured_ids: set[str], points: Sequence[
     return out
 
 
-def rates(points: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
-    """Mean seconds of a trained run (training and its evaluation) and of an interpolation point, and the
-    CPU seconds of every measured point (one thread each), from the points' own timings."""
+def rates(points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean seconds of a trained run (training and its evaluation) and of an interpolation point, over the
+    design and per method (`methods`: an anchored run costs several times a plain one, so a design's mean
+    misprices what one method has left), and the CPU seconds of every measured point (one thread each),
+    from the points' own timings."""
     runs, interps, total = [], [], 0.0
+    per_method: dict[str, dict[str, list[float]]] = {}
     for p in points:
         if p.get("method") == "base":
             continue
         evaluated = sum(float(v) for v in (p.get("seconds_eval") or {}).values())
         spent = float(p.get("seconds_train") or 0.0) + evaluated
         total += spent
-        (runs if float(p.get("alpha", 1.0)) == 1.0 else interps).append(spent)
+        kind = "run" if float(p.get("alpha", 1.0)) == 1.0 else "interpolation"
+        (runs if kind == "run" else interps).append(spent)
+        per_method.setdefault(str(p.get("method")), {"run": [], "interpolation": []})[kind].append(spent)
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-    return {"run": mean(runs), "interpolation": mean(interps), "cpu_seconds": total, "runs": len(runs), "interpolations": len(interps)}
+    methods = {m: {kind: mean(xs) for kind, xs in kinds.items()} for m, kinds in per_method.items()}
+    return {"run": mean(runs), "interpolation": mean(interps), "cpu_seconds": total, "runs": len(runs), "interpolations": len(interps),
+            "methods": methods}
+
+
+def remaining_cpu(remaining: Sequence[tuple[str, bool]], speed: Mapping[str, Any]) -> tuple[float, int]:
+    """CPU seconds of the missing points (point id, is a trained run): each at its method's own measured rate
+    for its kind, else at the design's mean (0 s when the design has none either); and how many points had
+    no rate of their method's own."""
+    cpu, at_mean = 0.0, 0
+    for point_id, is_run in remaining:
+        kind = "run" if is_run else "interpolation"
+        own = (speed.get("methods") or {}).get(point_id.split("__")[0], {}).get(kind)
+        if own is None:
+            at_mean += 1
+            own = speed[kind] or 0.0
+        cpu += own
+    return cpu, at_mean
 
 
 def _hours(seconds: float) -> str:
@@ -100,11 +122,12 @@ def _status_lines(frontier: FrontierConfig, state: Mapping[str, Any], speed: Map
         lines += [f"- {method}: {', '.join(ids)}" for method, ids in by_method.items()]
         runs = sum(is_run for _, is_run in remaining)
         if speed["run"] is not None:
-            cpu = runs * speed["run"] + (len(remaining) - runs) * (speed["interpolation"] or 0.0)
+            cpu, at_mean = remaining_cpu(remaining, speed)
             per_interpolation = ("no interpolation point timed yet, so they count as 0 s" if speed["interpolation"] is None
                                  else f"{speed['interpolation']:.0f} s an interpolation point")
-            lines += ["", f"At the measured rates ({speed['run']:.0f} s a trained run with its evaluation, "
-                      f"{per_interpolation}, one thread), the {runs} runs and "
+            lines += ["", f"At each method's own measured rates (over the design: {speed['run']:.0f} s a trained run with its evaluation, "
+                      f"{per_interpolation}, one thread; {at_mean} of the points left have no rate of their method's own and count at "
+                      f"the design's mean), the {runs} runs and "
                       f"{len(remaining) - runs} interpolation points left take about {_hours(cpu)} of CPU time, "
                       f"{_hours(cpu / 2)} on two processes" + ("; the front-seeds pass comes after." if frontier.front_seeds and state["second_total"] is None else ".")]
     return lines + [""]
