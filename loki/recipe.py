@@ -178,21 +178,25 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
 
 def suppression_damage(cfg: DictConfig, model: nn.Module, tokenizer: Any, positions: Positions, store_dir: Path) -> torch.Tensor:
     """`loki.damage.layer_damage` of `positions` on `loki.damage_prompts` attribution prompts spread evenly,
-    cached in `<store>/damage/` under the positions and the prompt count (the store fixes model and prompts)."""
+    cached in `<store>/damage/` under the positions and the prompt count (the store fixes model and prompts).
+    Made under a lock on the cache entry: processes that need the same entry at once (two shards of a
+    frontier) wait for the first to write it instead of each measuring it."""
     from loki.damage import layer_damage
+    from loki.files import exclusive_lock
 
     count = int(cfg.loki.damage_prompts)
     path = Path(store_dir) / "damage" / f"{settings_digest({'positions': [list(map(int, r)) for r in positions], 'prompts': count}, 16)}.json"
-    if path.is_file():
-        return torch.tensor(json.loads(path.read_text())["damage"], dtype=torch.float64)
-    chosen, pad_id = attribution_prompt_ids(cfg, tokenizer, count)
-    count = len(chosen)
-    model.to(eval_device(cfg))
-    log.info("Suppression damage: zeroing each layer's %d selected rows in turn, KL at the last token of %d attribution prompts.", len(positions[0]), count)
-    damage = layer_damage(model, chosen, positions, pad_id)
-    if is_rank_zero():
-        write_json(path, {"damage": damage.tolist(), "prompts": count, "measure": "mean KL(base || layer's rows zeroed) at the last token"})
-    return damage
+    with exclusive_lock(path.with_suffix(".lock")):
+        if path.is_file():
+            return torch.tensor(json.loads(path.read_text())["damage"], dtype=torch.float64)
+        chosen, pad_id = attribution_prompt_ids(cfg, tokenizer, count)
+        count = len(chosen)
+        model.to(eval_device(cfg))
+        log.info("Suppression damage: zeroing each layer's %d selected rows in turn, KL at the last token of %d attribution prompts.", len(positions[0]), count)
+        damage = layer_damage(model, chosen, positions, pad_id)
+        if is_rank_zero():
+            write_json(path, {"damage": damage.tolist(), "prompts": count, "measure": "mean KL(base || layer's rows zeroed) at the last token"})
+        return damage
 
 
 def needs_scores(loki_cfg) -> str:

@@ -196,6 +196,40 @@ def _oracle_damage(model, prompts, positions):
     return out
 
 
+def test_two_processes_needing_the_same_suppression_damage_measure_it_once(tmp_path, monkeypatch):
+    """Two shards of a frontier reaching the damage quota at once: the second waits on the cache entry's lock
+    and reads what the first wrote (flock locks separate open files, so two threads stand in for them)."""
+    import threading
+    import time
+
+    from omegaconf import OmegaConf
+
+    from loki import damage as damage_module
+    from loki import recipe
+
+    calls = []
+
+    def slow_damage(model, prompts, positions, pad_id):
+        calls.append(len(prompts))
+        time.sleep(0.5)  # long enough that the other thread arrives while this one measures
+        return torch.tensor([0.25, 0.5], dtype=torch.float64)
+
+    monkeypatch.setattr(damage_module, "layer_damage", slow_damage)
+    monkeypatch.setattr(recipe, "attribution_prompt_ids", lambda cfg, tokenizer, count: ([[1, 2]] * count, 0))
+    monkeypatch.setattr(recipe, "eval_device", lambda cfg: "cpu")
+    cfg = OmegaConf.create({"loki": {"damage_prompts": 3}})
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(recipe.suppression_damage(cfg, torch.nn.Linear(2, 2), None, [[0], [1]], tmp_path)))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert calls == [3] and len(results) == 2
+    for result in results:
+        torch.testing.assert_close(result, torch.tensor([0.25, 0.5], dtype=torch.float64), rtol=0, atol=0)
+
+
 def test_layer_damage_against_zeroed_copies_and_the_weights_come_back():
     from loki.damage import layer_damage
 
