@@ -7,7 +7,7 @@ import pytest
 
 from loki.errors import LokiError
 from studies.frontier import stats
-from studies.frontier.variants import best_other, compare, summary, variant_section, variants_markdown
+from studies.frontier.variants import best_other, compare, paired_runs, paired_section, summary, variant_section, variants_markdown
 
 
 def pt(pid, method, task, kl, seed=0):
@@ -71,6 +71,30 @@ def test_the_page_has_a_summary_row_per_variant_and_measure():
     assert page.startswith("# T\n")
     assert "| V | kl | L | L: less at 4 of 4 levels; A: less at 4 of 4 levels |" in page  # k = 4 levels: 0.7 .. 1.0
     assert "### V: KL from the base (nats)" in page
+
+
+def test_paired_runs_set_each_variant_run_beside_the_modified_runs_same_lr_and_seed():
+    def run(method, lr, seed, task, kl, lm, alpha=1.0):
+        return {"id": f"{method}{lr}{seed}{alpha}", "method": method, "lr": lr, "seed": seed, "alpha": alpha, "task": task,
+                "forgetting": {"kl": kl, "lm_loss_delta": lm, "avg": None}}
+
+    points = [run("V", 1e-2, 1, 0.50, 0.30, -0.02), run("V", 1e-2, 0, 0.40, 0.10, 0.01), run("V", 3e-3, 0, 0.30, 0.40, 0.03),
+              run("V", 1e-2, 0, 0.20, 0.01, 0.0, alpha=0.5),  # an interpolation point: not a run
+              run("V", 1e-3, 0, 0.25, 0.02, 0.0),              # L has no 1e-3 run: no pair
+              run("L", 1e-2, 0, 0.40, 0.40, 0.02), run("L", 1e-2, 1, 0.45, 0.60, -0.01), run("L", 3e-3, 0, 0.35, 0.20, 0.01),
+              run("L", 1e-2, 2, 0.50, 0.50, 0.00)]             # V has no seed 2: no pair
+    pairs = paired_runs(points, "V", "L")
+    assert [(a["lr"], a["seed"], b["lr"], b["seed"]) for a, b in pairs] == [(3e-3, 0, 3e-3, 0), (1e-2, 0, 1e-2, 0), (1e-2, 1, 1e-2, 1)]
+    text = "\n".join(paired_section(points, "V", "L", ["kl", "lm_loss_delta"]))
+    assert "| LR | seed | task: variant | modified | kl: variant | modified | lm_loss_delta: variant | modified |" in text
+    assert "| 0.003 | 0 | 0.300 | 0.350 | 0.400 | 0.200 | 0.030 | 0.010 |" in text
+    assert "| 0.01 | 1 | 0.500 | 0.450 | 0.300 | 0.600 | -0.020 | -0.010 |" in text
+    # task differences: -0.05, 0.0, +0.05; KL ratios 2.0, 0.25, 0.5 (lower in 2 of 3); LM-loss change 0.03 vs 0.01,
+    # 0.01 vs 0.02, -0.02 vs -0.01 (lower in 2 of 3), values of both signs, so no ratio
+    assert "the variant's task minus the modified run's is -0.050 to +0.050 (higher in 1, equal in 1, lower in 1 of 3 pairs)" in text
+    assert "- KL from the base (nats): lower in 2 of 3 pairs (variant / modified 0.25 to 2.00)" in text
+    assert "- LM-loss change (nats/token): lower in 2 of 3 pairs\n" in text
+    assert "No run of both" in "\n".join(paired_section(points, "V", "Z", ["kl"]))
 
 
 @pytest.mark.parametrize("changes, sentence", [
