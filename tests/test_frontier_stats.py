@@ -380,3 +380,47 @@ def test_smollm135m_lr_defaults_are_the_verdict_grids_one_se_lrs():
     model = compose_config("train", "model=smollm135m").model
     assert one_se_lr(points, "loki-q0.1") == model.loki_lr == 1e-2
     assert one_se_lr(points, "full") == model.finetune_lr == 1e-4
+
+
+# ------------------------------------------------------------------------------------ paired effect
+
+
+def test_paired_effect_over_seeds_with_items_that_never_vary():
+    """Seed 0: the variant answers every question the modified run misses, at half the KL; seed 1: equal on
+    both. Each point's items are all alike, so they never vary under resampling and only the seed draw moves
+    the replicates: both seeds (half of the draws), seed 0 twice or seed 1 twice (a quarter each)."""
+    items = stats.items_from_rows({
+        "v0": item_rows([True] * 4, kl=[0.2] * 3), "m0": item_rows([False] * 4, kl=[0.4] * 3),
+        "v1": item_rows([True] * 4, kl=[0.3] * 3), "m1": item_rows([True] * 4, kl=[0.3] * 3)})
+    pairs = [(pt("v0", "V", 1.0, 0.2, seed=0), pt("m0", "M", 0.0, 0.4, seed=0)),
+             (pt("v1", "V", 1.0, 0.3, seed=1), pt("m1", "M", 1.0, 0.3, seed=1))]
+    exact = stats.paired_effect(pairs, items, "kl", n_boot=0)
+    # task: mean(+1, 0) = 0.5; KL: the geometric mean of 0.5 and 1 = sqrt(0.5)
+    assert exact["kind"] == "ratio" and exact["pairs"] == 2
+    assert exact["task"] == {"estimate": pytest.approx(0.5), "low": pytest.approx(0.5), "high": pytest.approx(0.5)}
+    assert exact["forgetting"]["estimate"] == pytest.approx(math.sqrt(0.5))
+    boot = stats.paired_effect(pairs, items, "kl", n_boot=400, seed=3)
+    assert boot["task"]["low"] == pytest.approx(0.0) and boot["task"]["high"] == pytest.approx(1.0)
+    assert boot["forgetting"]["low"] == pytest.approx(0.5) and boot["forgetting"]["high"] == pytest.approx(1.0)
+
+
+def test_paired_effect_resamples_the_items_of_both_points_of_a_pair_alike():
+    """One pair whose variant has exactly half the KL on every text: any draw of the texts keeps the ratio
+    at 0.5 (the draw is shared); the task difference varies with the drawn questions; the LM-loss change is
+    the difference of the two points' deltas against the same base draw."""
+    items = stats.items_from_rows({
+        "v": item_rows([True, True, False, True, False, True], kl=[0.1, 0.4, 0.2], nll=[2.0, 3.0], tokens=[1, 2]),
+        "m": item_rows([True, False, False, False, False, True], kl=[0.2, 0.8, 0.4], nll=[3.0, 3.0], tokens=[1, 2])},
+        base=item_rows([False] * 6, kl=[0.0] * 3, nll=[2.0, 2.0], tokens=[1, 2]))
+    # lm_loss_delta: v (5/3 - 4/3) = 1/3, m (6/3 - 4/3) = 2/3; difference -1/3
+    pairs = [(pt("v", "V", 4 / 6, 0.7 / 3, lm=1 / 3), pt("m", "M", 2 / 6, 1.4 / 3, lm=2 / 3))]
+    boot = stats.paired_effect(pairs, items, "kl", n_boot=300, seed=1)
+    assert boot["forgetting"] == {"estimate": pytest.approx(0.5), "low": pytest.approx(0.5), "high": pytest.approx(0.5)}
+    assert boot["task"]["estimate"] == pytest.approx(1 / 3) and boot["task"]["low"] < 1 / 3 < boot["task"]["high"]
+    lm = stats.paired_effect(pairs, items, "lm_loss_delta", n_boot=300, seed=1)
+    assert lm["kind"] == "difference" and lm["forgetting"]["estimate"] == pytest.approx(-1 / 3)
+    assert lm["forgetting"]["low"] < -1 / 3 < lm["forgetting"]["high"]  # the texts' draw moves it
+    with pytest.raises(LokiError, match="records kl"):
+        stats.paired_effect([(pt("v", "V", 4 / 6, 0.9, lm=1 / 3), pairs[0][1])], items, "kl", n_boot=0)
+    with pytest.raises(LokiError, match="bootstraps kl, lm_loss_delta"):
+        stats.paired_effect(pairs, items, "avg")

@@ -71,6 +71,9 @@ def test_the_page_has_a_summary_row_per_variant_and_measure():
     assert page.startswith("# T\n")
     assert "| V | kl | L | L: less at 4 of 4 levels; A: less at 4 of 4 levels |" in page  # k = 4 levels: 0.7 .. 1.0
     assert "### V: KL from the base (nats)" in page
+    # V's and L's runs at 1e-3, seed 0 (the later point of each: v2 and l2): KL 0.10 against 0.40, task equal
+    assert "### V against L at the same LR and seed" in page
+    assert "- KL from the base (nats) (variant / modified, geometric mean): 0.250 [0.250, 0.250] (interval below 1); task change +0.000 [+0.000, +0.000]" in page
 
 
 def test_paired_runs_set_each_variant_run_beside_the_modified_runs_same_lr_and_seed():

@@ -410,6 +410,65 @@ def matched_table(points: Sequence[Mapping[str, Any]], items: FrontierItems | No
     return table
 
 
+def paired_effect(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], items: FrontierItems, measure: str = "kl",
+                  n_boot: int = 1000, seed: int = 0, task_key: str = "task", confidence: float = 0.95) -> dict[str, Any]:
+    """The change a variant makes at fixed training settings: over `pairs` (variant's point, modified method's
+    point; the same LR and seed), the mean task difference (variant - modified) and the forgetting change,
+    for `kl` the geometric mean of the ratios variant / modified (each pair counts alike, whatever its
+    LR's scale), for `lm_loss_delta` the mean difference; each with a percentile bootstrap interval.
+
+    Each replicate resamples the test items and each benchmark's held-out texts (one draw shared by both
+    points of every pair, as `point_replicates` draws) and the seeds (as many draws as there are seeds; a
+    drawn seed brings all its pairs), then recomputes both statistics. Returns {"pairs", "task": {estimate,
+    low, high}, "forgetting": {estimate, low, high}, "kind": "ratio" | "difference"}; the intervals equal
+    the estimates at n_boot = 0."""
+    if measure not in BOOTSTRAPPED:
+        raise LokiError(f"paired_effect bootstraps {', '.join(BOOTSTRAPPED)}, got {measure!r}.")
+    pairs = list(pairs)
+    if not pairs:
+        raise LokiError("paired_effect needs at least one pair of points.")
+    kind = "ratio" if measure == "kl" else "difference"
+    ids = [str(p["id"]) for pair in pairs for p in pair]  # variant, modified, variant, modified, ...
+
+    def effects(task: np.ndarray, forgetting: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """task [2P, B], forgetting [2P, B], weight [P, B] (how often each pair is drawn) -> ([B], [B])."""
+        dt = (task[0::2] - task[1::2]) * weight
+        if kind == "ratio":
+            with np.errstate(divide="ignore", invalid="ignore"):
+                df = np.log(forgetting[0::2] / forgetting[1::2]) * weight
+        else:
+            df = (forgetting[0::2] - forgetting[1::2]) * weight
+        total = weight.sum(axis=0)
+        task_change, forgetting_change = dt.sum(axis=0) / total, df.sum(axis=0) / total
+        return task_change, (np.exp(forgetting_change) if kind == "ratio" else forgetting_change)
+
+    task0, forgetting0 = _identity_values(ids, items, measure, task_key, {})
+    for i, p in enumerate(p for pair in pairs for p in pair):  # the items must be what each point records
+        for what, got, want in ((task_key, float(task0[i]), task_value(p, task_key)), (measure, float(forgetting0[i]), forgetting_value(p, measure))):
+            if want is None or not math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9):
+                raise LokiError(f"point {p['id']!r} records {what} {want!r} but its items give {got!r}; "
+                                "the items and points.jsonl must come from the same evaluation.")
+    if kind == "ratio" and (forgetting0 <= 0).any():
+        raise LokiError("the KL ratio needs a positive KL at every point of the pairs.")
+    est_task, est_forgetting = effects(np.asarray(task0)[:, None], np.asarray(forgetting0)[:, None], np.ones((len(pairs), 1)))
+    out = {"pairs": len(pairs), "kind": kind,
+           "task": {"estimate": float(est_task[0]), "low": float(est_task[0]), "high": float(est_task[0])},
+           "forgetting": {"estimate": float(est_forgetting[0]), "low": float(est_forgetting[0]), "high": float(est_forgetting[0])}}
+    if int(n_boot) == 0:
+        return out
+    rng = np.random.default_rng(seed)
+    task, forgetting = point_replicates(ids, items, measure, task_key, int(n_boot), rng)
+    seeds = sorted({pair[0].get("seed") for pair in pairs}, key=lambda s: (s is None, s if s is not None else 0))
+    pair_seed = np.array([seeds.index(pair[0].get("seed")) for pair in pairs])
+    drawn = rng.integers(0, len(seeds), size=(int(n_boot), len(seeds)))  # [B, n_seeds]
+    seed_count = np.stack([(drawn == s).sum(axis=1) for s in range(len(seeds))])  # [n_seeds, B]
+    boot_task, boot_forgetting = effects(task, forgetting, seed_count[pair_seed].astype(float))
+    tail = (1 - confidence) / 2
+    for key, values in (("task", boot_task), ("forgetting", boot_forgetting)):
+        out[key]["low"], out[key]["high"] = percentile(values, tail), percentile(values, 1 - tail)
+    return out
+
+
 def _identity_values(ids, items, measure, task_key, recorded_avg):
     """Each point's task and forgetting on its full items (every item once), via a one-replicate draw."""
 

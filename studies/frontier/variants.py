@@ -131,9 +131,12 @@ def paired_summary(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]],
     return f"lower in {lower} of {len(both)} pairs" + (f" (variant / modified {_range(ratios)})" if len(ratios) == len(both) else "")
 
 
-def paired_section(points: Sequence[Mapping[str, Any]], variant: str, modifies: str, measures: Sequence[str], task_key: str = "task") -> list[str]:
+def paired_section(points: Sequence[Mapping[str, Any]], variant: str, modifies: str, measures: Sequence[str], task_key: str = "task",
+                   items: stats.FrontierItems | None = None, n_boot: int = 0, seed: int = 0) -> list[str]:
     """Markdown: every run of the variant beside the modified method's run with the same LR and seed, the
-    task and each measure, and per measure in how many pairs the variant's value is lower."""
+    task and each measure, and per measure in how many pairs the variant's value is lower; with items and
+    n_boot > 0, the mean task change and the forgetting change over the pairs with 95 % intervals
+    (`stats.paired_effect`)."""
     pairs = paired_runs(points, variant, modifies)
     lines = [f"### {variant} against {modifies} at the same LR and seed", ""]
     if not pairs:
@@ -154,6 +157,24 @@ def paired_section(points: Sequence[Mapping[str, Any]], variant: str, modifies: 
               f"(higher in {sum(t > 0 for t in tasks)}, equal in {sum(t == 0 for t in tasks)}, lower in {sum(t < 0 for t in tasks)} of {len(tasks)} pairs)."
               if tasks else "no task values."), ""]
     lines += [f"- {MEASURE_NAMES.get(measure, measure)}: {paired_summary(pairs, measure, task_key)}" for measure in measures]
+    if items is None or not n_boot:
+        return lines + [""]
+    lines += ["", f"Over the {len(pairs)} pairs, with 95 % bootstrap intervals over test items, held-out texts and seeds (`stats.paired_effect`):", ""]
+    for measure in measures:
+        if measure not in stats.BOOTSTRAPPED:
+            continue
+        try:
+            effect = stats.paired_effect(pairs, items, measure, n_boot=n_boot, seed=seed, task_key=task_key)
+        except LokiError as err:
+            lines.append(f"- {MEASURE_NAMES.get(measure, measure)}: no interval ({str(err).rstrip('.')}).")
+            continue
+        t, f = effect["task"], effect["forgetting"]
+        what = "variant / modified, geometric mean" if effect["kind"] == "ratio" else "variant - modified, mean"
+        null = 1.0 if effect["kind"] == "ratio" else 0.0
+        side = "below" if f["high"] < null else "above" if f["low"] > null else "includes"
+        lines.append(f"- {MEASURE_NAMES.get(measure, measure)} ({what}): {f['estimate']:.3f} [{f['low']:.3f}, {f['high']:.3f}]"
+                     f" ({'interval ' + side + ' ' + format(null, 'g') if side != 'includes' else 'the interval includes ' + format(null, 'g')});"
+                     f" {task_key} change {t['estimate']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}]")
     return lines + [""]
 
 
@@ -167,7 +188,7 @@ def variants_markdown(points: Sequence[Mapping[str, Any]], items: stats.Frontier
             lines, verdicts = variant_section(points, items, variant, modifies, reference, others, measure, n_boot, seed)
             sections += lines
             rows.append([variant, measure, modifies] + ["; ".join(f"{m}: {v}" for m, v in verdicts.items()) or "-"])
-        sections += paired_section(points, variant, modifies, measures)
+        sections += paired_section(points, variant, modifies, measures, items=items, n_boot=n_boot, seed=seed)
     head = [f"# {title}", "",
             "Each variant against the method it modifies, the paper's method"
             + (f" (`{reference}`)" if reference else "") + " and the best other method of the design (the one that forgets least "
