@@ -73,6 +73,7 @@ def test_the_page_has_a_summary_row_per_variant_and_measure():
     assert "### V: KL from the base (nats)" in page
     # V's and L's runs at 1e-3, seed 0 (the later point of each: v2 and l2): KL 0.10 against 0.40, task equal
     assert "### V against L at the same LR and seed" in page
+    assert "intervals over test items and held-out texts only: one seed (0), so the seeds' spread is not in them" in page
     assert "- KL from the base (nats) (variant / modified, geometric mean): 0.250 [0.250, 0.250] (interval below 1); task change +0.000 [+0.000, +0.000]" in page
 
 

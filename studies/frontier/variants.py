@@ -159,7 +159,10 @@ def paired_section(points: Sequence[Mapping[str, Any]], variant: str, modifies: 
     lines += [f"- {MEASURE_NAMES.get(measure, measure)}: {paired_summary(pairs, measure, task_key)}" for measure in measures]
     if items is None or not n_boot:
         return lines + [""]
-    lines += ["", f"Over the {len(pairs)} pairs, with 95 % bootstrap intervals over test items, held-out texts and seeds (`stats.paired_effect`):", ""]
+    seeds = sorted({int(a["seed"]) for a, _ in pairs})
+    spread = (f"over test items, held-out texts and seeds ({len(seeds)} seeds)" if len(seeds) > 1 else
+              f"over test items and held-out texts only: one seed ({seeds[0]}), so the seeds' spread is not in them")
+    lines += ["", f"Over the {len(pairs)} pairs, with 95 % bootstrap intervals {spread} (`stats.paired_effect`):", ""]
     for measure in measures:
         if measure not in stats.BOOTSTRAPPED:
             continue
