@@ -95,7 +95,7 @@ def test_paired_runs_set_each_variant_run_beside_the_modified_runs_same_lr_and_s
     assert "| 0.01 | 1 | 0.500 | 0.450 | 0.300 | 0.600 | -0.020 | -0.010 |" in text
     # task differences: -0.05, 0.0, +0.05; KL ratios 2.0, 0.25, 0.5 (lower in 2 of 3); LM-loss change 0.03 vs 0.01,
     # 0.01 vs 0.02, -0.02 vs -0.01 (lower in 2 of 3), values of both signs, so no ratio
-    assert "the variant's task minus the modified run's is -0.050 to +0.050 (higher in 1, equal in 1, lower in 1 of 3 pairs)" in text
+    assert "the variant run's task minus the modified run's is -0.050 to +0.050 (higher in 1, equal in 1, lower in 1 of 3 pairs)" in text
     assert "- KL from the base (nats): lower in 2 of 3 pairs (variant / modified 0.25 to 2.00)" in text
     assert "- LM-loss change (nats/token): lower in 2 of 3 pairs\n" in text
     assert "No run of both" in "\n".join(paired_section(points, "V", "Z", ["kl"]))
@@ -106,6 +106,9 @@ def test_paired_runs_set_each_variant_run_beside_the_modified_runs_same_lr_and_s
     ({"variants": {"V": "V"}, "variants_page": "p"}, "frontier.variants must be a mapping"),
     ({"variants": {"V": "L"}}, "frontier.variants_page must be set exactly when frontier.variants is"),
     ({"reference": "Z"}, "frontier.reference must be null or a method name of the design"),
+    ({"paired": {"V": ["Z"]}}, "frontier.paired must be a mapping {method: [other methods]} of method names of the design"),
+    ({"paired": {"V": "L"}}, "frontier.paired must be a mapping"),
+    ({"paired": {"V": ["V"]}}, "frontier.paired must be a mapping"),
 ])
 def test_bad_variant_settings_stop_with_one_sentence(changes, sentence):
     from loki import checks
@@ -115,3 +118,25 @@ def test_bad_variant_settings_stop_with_one_sentence(changes, sentence):
     with pytest.raises(LokiError) as err, checks.located("frontier"):
         FrontierConfig(**settings, **changes)
     assert str(err.value).startswith(sentence)
+
+
+def test_a_frontier_with_paired_methods_reports_their_runs_at_the_same_lr_and_seed(tmp_path):
+    """frontier.paired: the report gets a section per pair of methods, their runs side by side, with the
+    names as the labels, one heading level below the section."""
+    import json
+
+    from studies.frontier.run import FrontierConfig, write_report
+
+    frontier = FrontierConfig(name="t", measures=["kl"], n_boot=20, paired={"V": ["L"]},
+                              methods=[{"name": "V", "overrides": [], "lrs": [1e-3]}, {"name": "L", "overrides": [], "lrs": [1e-3]}])
+    points = [dict(p, lr=1e-3) for p in POINTS if p["method"] in ("base", "V", "L")]
+    (tmp_path / "items").mkdir()
+    for point_id, rows in {p["id"]: {"task": [{"id": f"q{i}", "value": p["task"]} for i in range(4)],
+                                     "retention": {"kl": [{"kl": p["forgetting"]["kl"]}] * 3}} for p in points}.items():
+        (tmp_path / "items" / f"{'base' if point_id == 'base' else point_id}.json").write_text(json.dumps(rows))
+    text = write_report(frontier, tmp_path, points).read_text()
+    assert "## The same LR and seed" in text and "\n### V against L at the same LR and seed" in text
+    assert "| LR | seed | task: V | L | kl: V | L |" in text and "| 0.001 | 0 | 1.000 | 1.000 | 0.100 | 0.400 |" in text
+    assert "- KL from the base (nats) (V / L, geometric mean): 0.250 [0.250, 0.250] (interval below 1)" in text
+    plain = write_report(FrontierConfig(name="t", measures=["kl"], n_boot=20, methods=frontier.methods), tmp_path, points).read_text()
+    assert "The same LR and seed" not in plain

@@ -97,6 +97,7 @@ class FrontierConfig:
     variants: Any = None           # {variant method: the method it modifies}: publish also writes `variants_page` (studies/frontier/variants.py)
     reference: Any = None          # the paper's method among the methods, which every variant is compared with too
     variants_page: Any = None      # docs/<this>.md, the variants' page (needs `variants`)
+    paired: Any = None             # {method: [methods]}: frontier.md also sets their runs side by side at the same LR and seed, for methods whose LR means the same (LoKI and its row controls)
 
     def __post_init__(self) -> None:
         k = checks.key
@@ -142,6 +143,12 @@ class FrontierConfig:
         if (self.variants_page is None) != (self.variants is None):
             checks.fail(k("variants_page"), "set exactly when frontier.variants is (the page's name under docs/)", self.variants_page)
         checks.integer(k("threads"), self.threads, low=1)
+        if self.paired is not None:
+            if not (isinstance(self.paired, Mapping) and self.paired and all(
+                    m in names and isinstance(others, (list, tuple)) and others and all(o in names and o != m for o in others)
+                    for m, others in self.paired.items())):
+                checks.fail(k("paired"), "a mapping {method: [other methods]} of method names of the design", self.paired)
+            self.paired = {m: list(others) for m, others in self.paired.items()}
 
 
 def parse_shard(value: Any) -> tuple[int, int]:
@@ -639,6 +646,18 @@ def write_report(frontier: FrontierConfig, out: Path, points: list[dict], logger
     items = stats.load_items(out)
     text = report.frontier_markdown(points, items, measures=tuple(frontier.measures), levels=frontier.levels,
                                     n_boot=int(frontier.n_boot), title=f"Frontier: {frontier.name}")
+    if frontier.paired:
+        from studies.frontier.variants import paired_section
+
+        measures = [m for m in frontier.measures if m in stats.BOOTSTRAPPED]
+        lines = ["## The same LR and seed", "",
+                 "Each method's trained runs beside another's with the same LR and seed (`frontier.paired`): the change at fixed "
+                 "training settings, for methods whose LR means the same thing. Not a comparison at an equal task metric: the task "
+                 "difference is stated with it.", ""]
+        for method, others in frontier.paired.items():
+            for other in others:
+                lines += paired_section(points, method, other, measures, items=items, n_boot=int(frontier.n_boot), labels=(method, other))
+        text = text.rstrip() + "\n\n" + "\n".join(lines).rstrip() + "\n"
     path = out / "frontier.md"
     path.write_text(text)
     report.frontier_plot(points, out / "frontier.png", measures=tuple(frontier.measures))

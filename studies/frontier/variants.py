@@ -119,7 +119,8 @@ def _range(values: Sequence[float], sign: bool = False) -> str:
     return shown[0] if shown[0] == shown[1] else f"{shown[0]} to {shown[1]}"
 
 
-def paired_summary(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], measure: str, task_key: str = "task") -> str:
+def paired_summary(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], measure: str, task_key: str = "task",
+                   labels: tuple[str, str] = ("variant", "modified")) -> str:
     """"lower in 3 of 3 pairs (variant / modified 0.26 to 0.50)" for one forgetting measure; the ratio only
     where both values are positive."""
     both = [(stats.forgetting_value(a, measure), stats.forgetting_value(b, measure)) for a, b in pairs]
@@ -128,22 +129,25 @@ def paired_summary(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]],
         return "no pair measured"
     lower = sum(a < b for a, b in both)
     ratios = [a / b for a, b in both if a > 0 and b > 0]
-    return f"lower in {lower} of {len(both)} pairs" + (f" (variant / modified {_range(ratios)})" if len(ratios) == len(both) else "")
+    return f"lower in {lower} of {len(both)} pairs" + (f" ({labels[0]} / {labels[1]} {_range(ratios)})" if len(ratios) == len(both) else "")
 
 
 def paired_section(points: Sequence[Mapping[str, Any]], variant: str, modifies: str, measures: Sequence[str], task_key: str = "task",
-                   items: stats.FrontierItems | None = None, n_boot: int = 0, seed: int = 0) -> list[str]:
+                   items: stats.FrontierItems | None = None, n_boot: int = 0, seed: int = 0,
+                   labels: tuple[str, str] = ("variant", "modified")) -> list[str]:
     """Markdown: every run of the variant beside the modified method's run with the same LR and seed, the
     task and each measure, and per measure in how many pairs the variant's value is lower; with items and
     n_boot > 0, the mean task change and the forgetting change over the pairs with 95 % intervals
-    (`stats.paired_effect`)."""
+    (`stats.paired_effect`). `labels` name the two sides in the text (two methods that are not a variant
+    and what it modifies: their names)."""
+    first, second = labels
     pairs = paired_runs(points, variant, modifies)
     lines = [f"### {variant} against {modifies} at the same LR and seed", ""]
     if not pairs:
         return lines + ["No run of both at the same LR and seed yet.", ""]
-    header = ["LR", "seed", f"{task_key}: variant", "modified"]
+    header = ["LR", "seed", f"{task_key}: {first}", second]
     for measure in measures:
-        header += [f"{measure}: variant", "modified"]
+        header += [f"{measure}: {first}", second]
     rows = []
     for a, b in pairs:
         row = [f"{float(a['lr']):g}", str(a["seed"]), fmt(stats.task_value(a, task_key)), fmt(stats.task_value(b, task_key))]
@@ -153,10 +157,10 @@ def paired_section(points: Sequence[Mapping[str, Any]], variant: str, modifies: 
     tasks = [(stats.task_value(a, task_key), stats.task_value(b, task_key)) for a, b in pairs]
     tasks = [a - b for a, b in tasks if a is not None and b is not None]
     lines += _table(header, rows) + [""]
-    lines += ["Not at an equal task metric: " + (f"the variant's {task_key} minus the modified run's is {_range(tasks, sign=True)} "
+    lines += ["Not at an equal task metric: " + (f"the {first} run's {task_key} minus the {second} run's is {_range(tasks, sign=True)} "
               f"(higher in {sum(t > 0 for t in tasks)}, equal in {sum(t == 0 for t in tasks)}, lower in {sum(t < 0 for t in tasks)} of {len(tasks)} pairs)."
               if tasks else "no task values."), ""]
-    lines += [f"- {MEASURE_NAMES.get(measure, measure)}: {paired_summary(pairs, measure, task_key)}" for measure in measures]
+    lines += [f"- {MEASURE_NAMES.get(measure, measure)}: {paired_summary(pairs, measure, task_key, labels)}" for measure in measures]
     if items is None or not n_boot:
         return lines + [""]
     seeds = sorted({int(a["seed"]) for a, _ in pairs})
@@ -172,7 +176,7 @@ def paired_section(points: Sequence[Mapping[str, Any]], variant: str, modifies: 
             lines.append(f"- {MEASURE_NAMES.get(measure, measure)}: no interval ({str(err).rstrip('.')}).")
             continue
         t, f = effect["task"], effect["forgetting"]
-        what = "variant / modified, geometric mean" if effect["kind"] == "ratio" else "variant - modified, mean"
+        what = f"{first} / {second}, geometric mean" if effect["kind"] == "ratio" else f"{first} - {second}, mean"
         null = 1.0 if effect["kind"] == "ratio" else 0.0
         side = "below" if f["high"] < null else "above" if f["low"] > null else "includes"
         lines.append(f"- {MEASURE_NAMES.get(measure, measure)} ({what}): {f['estimate']:.3f} [{f['low']:.3f}, {f['high']:.3f}]"
