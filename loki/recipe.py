@@ -150,13 +150,14 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
             f"{(d.num_layers, d.hidden_size)}; they were made for another model."
         )
     quota, quota_note = None, ""
-    if loki_cfg.quota == "mass":  # one pass for each layer's mean |score|, then the selection with per-layer k
+    spread = str(loki_cfg.quota).removesuffix("_shuffled")  # the measure the quota is made from
+    if spread == "mass":  # one pass for each layer's mean |score|, then the selection with per-layer k
         from loki.select import adaptive_quota, layer_mass
 
         mass = layer_mass(store.iter_chunks(), expected_shape=(d.num_layers, d.hidden_size))
         quota = adaptive_quota(mass, q, d.hidden_size, floor_ratio=float(loki_cfg.quota_floor))
         quota_note = f", per-layer quota by attribution mass {quota}"
-    elif loki_cfg.quota == "damage":  # each layer's KL when its k selected rows alone are zeroed (cached beside the store)
+    elif spread == "damage":  # each layer's KL when its k selected rows alone are zeroed (cached beside the store)
         from loki.select import adaptive_quota
 
         uniform = select_positions(store.iter_chunks(), q, strategy=loki_cfg.strategy, seed=int(loki_cfg.seed), score=loki_cfg.score)
@@ -164,6 +165,11 @@ def resolve_positions(cfg: DictConfig, model: nn.Module, tokenizer: Any) -> tupl
         floor_value = 1e-3 * float(damage.mean())  # a layer its zeroed rows do not move at all still gets a finite share
         quota = adaptive_quota(damage.clamp_min(floor_value), q, d.hidden_size, floor_ratio=float(loki_cfg.quota_floor))
         quota_note = f", per-layer quota by suppression damage {quota}"
+    if quota is not None and str(loki_cfg.quota).endswith("_shuffled"):  # the control: the same counts, layers in random order
+        from loki.select import shuffled_quota
+
+        quota = shuffled_quota(quota, int(loki_cfg.seed))
+        quota_note += f", shuffled over the layers (loki.seed={int(loki_cfg.seed)}): {quota}"
     positions = select_positions(
         store.iter_chunks(),
         q,

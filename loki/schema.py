@@ -259,8 +259,8 @@ class LokiSchema:
     use_shipped: Any = True        # auto finds no store: first use the positions shipped for this model (loki/published/) if made with exactly these settings
     strategy: Any = "layer_balanced"  # layer_balanced | layer_balanced_highest | global_lowest | global_highest | random | smallest_norm
     score: Any = "abs"             # abs: rank by magnitude (least damage on SmolLM2, docs/real_model.md); signed: the paper's reading
-    seed: Any = 0                  # seed of the `random` strategy
-    quota: Any = "uniform"         # uniform: k rows in every layer (the paper) | mass: the same L*k rows spread by 1 / each layer's mean |KVA| | damage: by 1 / the KL when its k rows are zeroed (both beyond the paper)
+    seed: Any = 0                  # seed of the `random` strategy and of the shuffled quotas (quota=*_shuffled)
+    quota: Any = "uniform"         # uniform: k rows in every layer (the paper) | mass: the same L*k rows spread by 1 / each layer's mean |KVA| | damage: by 1 / the KL when its k rows are zeroed (both beyond the paper) | mass_shuffled, damage_shuffled: their counts in a random layer order (loki.seed), the control
     quota_floor: Any = 0.5         # quota=mass|damage: every layer keeps at least this fraction of k rows (at least 1)
     damage_prompts: Any = 32       # quota=damage: attribution prompts (spread evenly; retention never reads them) the suppression KL is measured on
     soft: Any = False              # true: soft selection (beyond the paper): soft_span*k rows train, row i of k' with updates scaled by 1 - i/k'

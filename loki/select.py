@@ -55,8 +55,9 @@ STRATEGIES = (*SCORE_STRATEGIES, "smallest_norm")
 SCORE_MODES = ("signed", "abs")
 # Per-layer row budgets: uniform = k = floor(q*D) in every layer (the paper); mass = the same total by
 # `adaptive_quota` over each layer's attribution mass (`layer_mass`); damage = the same over each layer's
-# suppression damage (`loki.damage.layer_damage`).
-QUOTAS = ("uniform", "mass", "damage")
+# suppression damage (`loki.damage.layer_damage`); *_shuffled = those counts in a random layer order
+# (`shuffled_quota`), the control for which layers get more.
+QUOTAS = ("uniform", "mass", "damage", "mass_shuffled", "damage_shuffled")
 # Samples handled at once inside a chunk: bounds the temporaries (a few bytes per score).
 _SAMPLES_PER_STEP = 64
 
@@ -211,6 +212,15 @@ def adaptive_quota(mass_or_damage: Sequence[float] | torch.Tensor, q: float, hid
     layers = len(measure)
     floor = max(1, int(math.floor(round(floor_ratio * k, 9))))  # rounded like rows_per_layer
     return layer_quota((1.0 / measure).tolist(), total=layers * k, floor=floor, cap=hidden_size)
+
+
+def shuffled_quota(quota: Sequence[int], seed: int) -> list[int]:
+    """The same per-layer row counts given to the layers in a random order (a torch permutation seeded by
+    `seed`): the control for an adaptive quota, which keeps how unequal the spread is and drops which layers
+    get more. The total, the floor and the cap still hold, since every count is one the quota had."""
+    generator = torch.Generator().manual_seed(int(seed))
+    order = torch.randperm(len(quota), generator=generator).tolist()
+    return [int(quota[i]) for i in order]
 
 
 def layer_mass(scores: torch.Tensor | Iterable[torch.Tensor], expected_shape: tuple[int, int] | None = None) -> torch.Tensor:

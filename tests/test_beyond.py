@@ -196,6 +196,19 @@ def _oracle_damage(model, prompts, positions):
     return out
 
 
+def test_a_shuffled_quota_keeps_the_counts_and_moves_them_between_layers():
+    from loki.select import shuffled_quota
+
+    quota = [80, 73, 57, 49, 45, 42, 36, 74]
+    orders = {tuple(shuffled_quota(quota, seed)) for seed in range(20)}
+    assert all(sorted(order) == sorted(quota) and sum(order) == sum(quota) for order in orders)
+    assert len(orders) > 15  # seeds give different layer orders
+    assert shuffled_quota(quota, 7) == shuffled_quota(quota, 7)  # a pure function of the seed
+    # the permutation is torch's for that seed: layer i takes the count of layer order[i]
+    order = torch.randperm(len(quota), generator=torch.Generator().manual_seed(7)).tolist()
+    assert shuffled_quota(quota, 7) == [quota[i] for i in order]
+
+
 def test_two_processes_needing_the_same_suppression_damage_measure_it_once(tmp_path, monkeypatch):
     """Two shards of a frontier reaching the damage quota at once: the second waits on the cache entry's lock
     and reads what the first wrote (flock locks separate open files, so two threads stand in for them)."""
@@ -289,7 +302,7 @@ TINY = ("model=tiny", "task=tiny_rerank", "trainer.max_steps=2", "trainer.max_ep
 @pytest.mark.slow
 def test_train_py_with_the_mass_quota_and_soft_selection(tmp_path):
     from loki import attribution
-    from loki.select import adaptive_quota, layer_mass, select_positions
+    from loki.select import adaptive_quota, layer_mass, select_positions, shuffled_quota
     from loki.store import ScoreStore
 
     cache = f"paths.cache_dir={tmp_path / 'cache'}"
@@ -301,6 +314,13 @@ def test_train_py_with_the_mass_quota_and_soft_selection(tmp_path):
     assert [len(layer) for layer in positions] == quota and sum(quota) == 4 * 16 and min(quota) >= 8
     assert positions == select_positions(store.iter_chunks(), 0.25, score="abs", quota=quota)
     assert metrics["method"] == "loki-q0.25-mass"
+    # its control: the same counts in the order loki.seed shuffles them, and the rows each layer then keeps
+    metrics = run_train(tmp_path / "shuffled", *TINY, cache, "loki.q=0.25", "loki.quota=mass_shuffled", "loki.quota_floor=0.5", "loki.seed=3")
+    shuffled = shuffled_quota(quota, 3)
+    positions = json.loads((tmp_path / "shuffled" / "positions.json").read_text())
+    assert [len(layer) for layer in positions] == shuffled and sorted(shuffled) == sorted(quota)
+    assert positions == select_positions(store.iter_chunks(), 0.25, score="abs", quota=shuffled)
+    assert metrics["method"] == "loki-q0.25-mass_shuffled"
     # the damage quota: the uniform selection's per-layer suppression KL, cached beside the store, spread the same way
     metrics = run_train(tmp_path / "damage", *TINY, cache, "loki.q=0.25", "loki.quota=damage", "loki.damage_prompts=4")
     (cached,) = (store.dir / "damage").glob("*.json")
