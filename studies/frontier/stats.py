@@ -381,15 +381,7 @@ def matched_table(points: Sequence[Mapping[str, Any]], items: FrontierItems | No
     ids = [str(p["id"]) for p in every]
     recorded_avg = {str(p["id"]): forgetting_value(p, "avg") for p in every}
     # the identity draw (every item once) must give back the recorded numbers
-    check_task, check_forgetting = _identity_values(ids, items, measure, task_key, recorded_avg)
-    for i, p in enumerate(every):
-        for what, got, want in ((task_key, float(check_task[i]), task_value(p, task_key)),
-                                (measure, float(check_forgetting[i]), forgetting_value(p, measure))):
-            if not math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9):
-                raise LokiError(
-                    f"point {p['id']!r} records {what} {want!r} but its items give {got!r}; "
-                    "the items and points.jsonl must come from the same evaluation."
-                )
+    _check_items_reproduce(every, items, measure, task_key, recorded_avg)
     task, forgetting = point_replicates(ids, items, measure, task_key, int(n_boot), rng, recorded_avg)
     row_of = {pid: i for i, pid in enumerate(ids)}
     tail = (1 - confidence) / 2
@@ -442,12 +434,7 @@ def paired_effect(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], 
         task_change, forgetting_change = dt.sum(axis=0) / total, df.sum(axis=0) / total
         return task_change, (np.exp(forgetting_change) if kind == "ratio" else forgetting_change)
 
-    task0, forgetting0 = _identity_values(ids, items, measure, task_key, {})
-    for i, p in enumerate(p for pair in pairs for p in pair):  # the items must be what each point records
-        for what, got, want in ((task_key, float(task0[i]), task_value(p, task_key)), (measure, float(forgetting0[i]), forgetting_value(p, measure))):
-            if want is None or not math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9):
-                raise LokiError(f"point {p['id']!r} records {what} {want!r} but its items give {got!r}; "
-                                "the items and points.jsonl must come from the same evaluation.")
+    task0, forgetting0 = _check_items_reproduce([p for pair in pairs for p in pair], items, measure, task_key, {})
     if kind == "ratio" and (forgetting0 <= 0).any():
         raise LokiError("the KL ratio needs a positive KL at every point of the pairs.")
     est_task, est_forgetting = effects(np.asarray(task0)[:, None], np.asarray(forgetting0)[:, None], np.ones((len(pairs), 1)))
@@ -467,6 +454,19 @@ def paired_effect(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], 
     for key, values in (("task", boot_task), ("forgetting", boot_forgetting)):
         out[key]["low"], out[key]["high"] = percentile(values, tail), percentile(values, 1 - tail)
     return out
+
+
+def _check_items_reproduce(points: Sequence[Mapping[str, Any]], items: FrontierItems, measure: str, task_key: str,
+                           recorded_avg: Mapping[str, float | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Each point's task and forgetting recomputed from its items (every item once), refusing a point whose
+    items do not give its recorded values (1e-6): its items are not what its row says. Returns both arrays."""
+    task, forgetting = _identity_values([str(p["id"]) for p in points], items, measure, task_key, recorded_avg)
+    for i, p in enumerate(points):
+        for what, got, want in ((task_key, float(task[i]), task_value(p, task_key)), (measure, float(forgetting[i]), forgetting_value(p, measure))):
+            if want is None or not math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9):
+                raise LokiError(f"point {p['id']!r} records {what} {want!r} but its items give {got!r}; "
+                                "the items and points.jsonl must come from the same evaluation.")
+    return task, forgetting
 
 
 def _identity_values(ids, items, measure, task_key, recorded_avg):
