@@ -219,6 +219,30 @@ def test_avg_is_passed_through_and_only_task_items_and_seeds_vary():
     assert np.mean(cell["replicates"] == 3.0) == pytest.approx(0.25, abs=0.07)
 
 
+def test_avg_is_recomputed_from_the_questions_resampled_with_the_base():
+    # the paper's Avg = 100 * mean over benchmarks of (acc_base - acc) / acc_base, over the benchmarks whose base
+    # accuracy is not 0. "cloze": base 4/4, the point 2/4 (rows 2, 3 wrong): 50 % lost. "zero": the base gets
+    # nothing right, so it leaves N (whatever the point does). Task items: all right, so every draw reaches 1.0.
+    def rows(cloze, zero):
+        return {"task": [{"id": "q0", "correct": True, "logprob": -0.1}],
+                "retention": {"cloze": [{"id": f"c{i}", "correct": c, "logprob": -1.0} for i, c in enumerate(cloze)],
+                              "zero": [{"id": f"z{i}", "correct": c, "logprob": -1.0} for i, c in enumerate(zero)]}}
+    items = stats.items_from_rows({"p": rows([True, True, False, False], [True, True])},
+                                  base=rows([True, True, True, True], [False, False]))
+    assert stats.avg_from_items(items)
+    cell = stats.matched_table([pt("p", "A", 1.0, None, avg=50.0)], items, [1.0], "avg", n_boot=2000)["A"][0]
+    assert cell["estimate"] == 50.0
+    # each replicate: 100 * (the share of the 4 draws that land on rows 2 and 3), a Binomial(4, 1/2) / 4
+    reps = cell["replicates"]
+    assert set(np.unique(reps)) <= {0.0, 25.0, 50.0, 75.0, 100.0}
+    assert np.mean(reps == 100.0) == pytest.approx(1 / 16, abs=0.02) and np.mean(reps) == pytest.approx(50.0, abs=2.0)
+    # a recorded Avg that the questions do not give is refused, like any other measure
+    with pytest.raises(LokiError, match="records avg 40.0 but its items give 50.0"):
+        stats.matched_table([pt("p", "A", 1.0, None, avg=40.0)], items, [1.0], "avg", n_boot=10)
+    # without the base's rows the Avg is taken as recorded
+    assert not stats.avg_from_items(stats.items_from_rows({"p": rows([True] * 4, [True] * 2)}))
+
+
 def test_percentile_keeps_inf_and_separated():
     assert stats.percentile(np.array([0.0, 1.0, 2.0, 3.0, 4.0]), 0.5) == 2.0
     assert stats.percentile(np.array([0.0, 1.0, 2.0, 3.0]), 0.5) == 1.5

@@ -91,7 +91,8 @@ def section(points: Sequence[Mapping[str, Any]], items: stats.FrontierItems | No
     what = ("least forgetting at or above each level, 95 % bootstrap interval over test items, held-out texts and seeds"
             if bootstrapped else f"least forgetting at or above each level; no bootstrap: {why.rstrip('.')}")
     if measure == "avg" and bootstrapped:
-        what += "; Avg itself taken as recorded"
+        what += ("; Avg recomputed from the held-out questions, resampled with the base's" if stats.avg_from_items(items)
+                 else "; Avg itself taken as recorded")
     lines += ["", f"Matched levels ({what}):", ""]
     header = ["method"] + [f"{task_key} >= {fmt(level)}" for level in levels]
     lines += _table(header, [[m] + [cell_text(c, bootstrapped) for c in table[m]] for m in table])

@@ -15,7 +15,8 @@ the mean over queries of the query's metric for a ranking task; "task_graded" is
 of the gold answer, mean(logprob), where the task has one. Forgetting measures: "kl" is the mean over the `kl` benchmarks of the mean
 per-prompt KL; "lm_loss_delta" the mean over the `lm_loss` benchmarks of
 sum(nll_after)/sum(tokens) - sum(nll_base)/sum(tokens_base); "avg" the paper's Avg over held-out
-accuracies, taken as recorded (not recomputed from items).
+accuracies, 100 * mean over benchmarks of (acc_base - acc) / acc_base, recomputed from the letter/cloze
+rows' correctness where every point and the base have them, else taken as recorded.
 
 File layout (what the runner writes under its output dir, read back by `load_items`):
 
@@ -26,12 +27,13 @@ File layout (what the runner writes under its output dir, read back by `load_ite
     items/base.json       the same for the base model (its lm_loss rows are the lm_loss_delta reference)
 
 Retention rows: {"kl": float} per prompt (a `kl` benchmark), {"nll": float, "tokens": int} per text (an
-`lm_loss` benchmark), {"id", "correct", "logprob"} per row (letter/cloze: not read here). Every file lists
+`lm_loss` benchmark), {"id", "correct", "logprob"} per row (a letter or cloze benchmark: its accuracy, read by
+"avg"). Every file lists
 the same items in the same order; `items_from_rows` refuses files that disagree.
 
 In memory (`FrontierItems`): numpy arrays per point id, `PointItems(value [n_task], logprob [n_task] (nan:
-none), kl {bench: [n_prompts]}, nll {bench: [n_texts]}, tokens {bench: [n_texts]}, weight [n_task])`, and
-the base's.
+none), kl {bench: [n_prompts]}, nll {bench: [n_texts]}, tokens {bench: [n_texts]}, weight [n_task],
+correct {bench: [n_rows]})`, and the base's.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class PointItems:
     nll: dict[str, np.ndarray] = field(default_factory=dict)     # lm_loss benchmark -> summed NLL per text [n_texts]
     tokens: dict[str, np.ndarray] = field(default_factory=dict)  # lm_loss benchmark -> predicted tokens per text
     weight: np.ndarray | None = None        # float [n_task]: the item's weight in the primary (None: all 1)
+    correct: dict[str, np.ndarray] = field(default_factory=dict)  # letter/cloze benchmark -> 1/0 per row [n_rows]
 
     def __post_init__(self) -> None:
         if self.weight is None:
@@ -85,20 +88,22 @@ class FrontierItems:
 def _point_items(where: str, data: Mapping[str, Any]) -> PointItems:
     task = data.get("task") or []
     retention = data.get("retention") or {}
-    kl, nll, tokens = {}, {}, {}
+    kl, nll, tokens, correct = {}, {}, {}, {}
     for bench, rows in retention.items():
         if rows and all("kl" in r for r in rows):
             kl[bench] = np.array([float(r["kl"]) for r in rows])
         elif rows and all("nll" in r and "tokens" in r for r in rows):
             nll[bench] = np.array([float(r["nll"]) for r in rows])
             tokens[bench] = np.array([float(r["tokens"]) for r in rows])
+        elif rows and all("correct" in r for r in rows):
+            correct[bench] = np.array([float(bool(r["correct"])) for r in rows])
     try:  # a question's correctness, or a ranked query's metric
         value = np.array([float(r["value"]) if "value" in r else float(bool(r["correct"])) for r in task])
     except (KeyError, TypeError, ValueError) as err:
         raise LokiError(f"{where}: every task item needs 'value' (or 'correct'), got a row without {err}.") from None
     logprob = np.array([float(r["logprob"]) if r.get("logprob") is not None else math.nan for r in task])
     weight = np.array([float(r.get("weight", 1.0)) for r in task])
-    return PointItems(value, logprob, kl, nll, tokens, weight)
+    return PointItems(value, logprob, kl, nll, tokens, weight, correct)
 
 
 def items_from_rows(rows_by_id: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any] | None = None) -> FrontierItems:
@@ -111,7 +116,7 @@ def items_from_rows(rows_by_id: Mapping[str, Mapping[str, Any]], base: Mapping[s
         ref_id, ref = everyone[0]
         for pid, got in everyone[1:]:
             shapes = {"task": (len(ref.value), len(got.value))}
-            for name in ("kl", "nll"):
+            for name in ("kl", "nll", "correct"):
                 for bench in set(getattr(ref, name)) | set(getattr(got, name)):
                     a, b = getattr(ref, name).get(bench), getattr(got, name).get(bench)
                     shapes[f"{bench}"] = (-1 if a is None else len(a), -1 if b is None else len(b))
@@ -271,8 +276,9 @@ def point_replicates(point_ids: Sequence[str], items: FrontierItems, measure: st
     """(task [P, n_boot], forgetting [P, n_boot]) of each point recomputed on each replicate's resampled
     items: the test items are drawn once per replicate and the same draw weighs every point (paired);
     likewise each `kl` benchmark's prompts and each `lm_loss` benchmark's texts (the base's lm_loss
-    uses the same draw as the points'). `avg` is not recomputed: its recorded value (`recorded[id]`)
-    fills every replicate."""
+    uses the same draw as the points'). `avg` is recomputed from each letter/cloze benchmark's rows (one
+    draw per benchmark, shared with the base) when `avg_from_items`; otherwise its recorded value
+    (`recorded[id]`) fills every replicate."""
     missing = [pid for pid in point_ids if pid not in items.points]
     if missing:
         raise LokiError(f"no per-item results for point(s) {', '.join(map(repr, missing[:5]))}; the bootstrap needs items/<id>.json of every point.")
@@ -308,12 +314,35 @@ def point_replicates(point_ids: Sequence[str], items: FrontierItems, measure: st
             before = (items.base.nll[bench] @ w.T) / (items.base.tokens[bench] @ w.T)
             per_bench.append(after - before[None, :])
         forgetting = np.mean(per_bench, axis=0)
+    elif measure == "avg" and avg_from_items(items, point_ids):
+        terms = []  # per benchmark: (acc_base - acc) / acc_base [P, n_boot], nan where the base's accuracy is 0
+        for bench in sorted(ref.correct):
+            w = _counts(rng, n_boot, len(ref.correct[bench]))
+            total = w.sum(axis=1)
+            after = np.stack([p.correct[bench] for p in pts]) @ w.T / total[None, :]
+            before = items.base.correct[bench] @ w.T / total  # type: ignore[union-attr]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                terms.append(np.where(before[None, :] > 0, (before[None, :] - after) / before[None, :], math.nan))
+        stacked = np.stack(terms)  # [benchmarks, P, n_boot]
+        counted = (~np.isnan(stacked)).sum(axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):  # forgetting_score: benchmarks whose base is 0 leave N
+            forgetting = np.where(counted > 0, 100.0 * np.nansum(stacked, axis=0) / counted, math.nan)
     elif measure == "avg":
         recorded = recorded or {}
         forgetting = np.array([[recorded.get(pid, math.nan)] * n_boot for pid in point_ids], dtype=float).reshape(len(pts), n_boot)
     else:
         raise LokiError(f"forgetting measure must be one of {', '.join(MEASURES)}, got {measure!r}.")
     return task, forgetting
+
+
+def avg_from_items(items: FrontierItems | None, point_ids: Sequence[str] | None = None) -> bool:
+    """Whether "avg" is recomputed from items: the base and every point (of `point_ids`, else all) hold
+    per-row correctness of the same letter/cloze benchmarks (the Avg's accuracies)."""
+    if items is None or items.base is None or not items.base.correct:
+        return False
+    benches = set(items.base.correct)
+    chosen = items.points.values() if point_ids is None else [items.points[pid] for pid in point_ids if pid in items.points]
+    return all(set(p.correct) == benches for p in chosen)
 
 
 def percentile(values: np.ndarray, q: float) -> float:
@@ -342,8 +371,8 @@ def matched_table(points: Sequence[Mapping[str, Any]], items: FrontierItems | No
       recomputed (the weighted mean of the items' values, e.g. the accuracy, or the graded axis = mean
       logprob);
     - each kl benchmark's prompts and each lm_loss benchmark's texts (one draw per benchmark, shared by
-      every point and by the base), from which each point's kl or lm_loss_delta is recomputed; avg is
-      taken as recorded;
+      every point and by the base), from which each point's kl or lm_loss_delta is recomputed; and each
+      letter/cloze benchmark's rows, from which avg is recomputed (`avg_from_items`; else taken as recorded);
     - each method's seed list (as many draws as it has seeds), keeping only the points of the drawn seeds
       (interpolation points go with their run's seed);
     then recomputes the whole statistic: the least forgetting among the kept points whose recomputed task
