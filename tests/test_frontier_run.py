@@ -126,6 +126,28 @@ def test_a_base_measured_under_other_eval_settings_is_refused(tmp_path):
     assert Frontier(_toy_frontier(), tmp_path).base() == {"task_metrics": {}}
 
 
+def test_the_base_digest_does_not_depend_on_where_the_cache_is(tmp_path, monkeypatch):
+    """The facts task's data lives in the cache (task.eval.cache_dir): the same base measured under another
+    LOKI_CACHE (another machine) has the same digest; a base.json stamped with the legacy digest (absolute
+    paths) is accepted and stamped again with today's."""
+    from studies.frontier.run import Frontier, cache_relative
+
+    assert cache_relative({"a": "/c/x/y", "b": ["/c", "/cx/y", "rel/c"], "n": 3}, "/c/") == \
+        {"a": "${cache}/x/y", "b": ["${cache}", "/cx/y", "rel/c"], "n": 3}
+    digests, legacy = [], []
+    for cache in ("one", "two"):
+        monkeypatch.setenv("LOKI_CACHE", str(tmp_path / cache))
+        runner = Frontier(_toy_frontier(), tmp_path / "out")
+        assert str(runner.base_cfg.task.eval.cache_dir) == str(tmp_path / cache)  # the path is in the settings ...
+        digests.append(runner.base_digest())
+        legacy.append(runner.base_digest(legacy=True))
+    assert digests[0] == digests[1] and legacy[0] != legacy[1]  # ... but not in the digest
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "base.json").write_text(json.dumps({"settings": legacy[1], "task_metrics": {}}))
+    assert runner.base()["settings"] == digests[1]
+    assert json.loads((tmp_path / "out" / "base.json").read_text())["settings"] == digests[1]
+
+
 @pytest.mark.slow
 def test_a_ranking_task_frontier_bootstraps_over_its_queries(tmp_path):
     """The toy reranker (NDCG@10, no graded axis): each point lists one item per query, whose mean is its

@@ -151,6 +151,20 @@ class FrontierConfig:
             self.paired = {m: list(others) for m, others in self.paired.items()}
 
 
+def cache_relative(value: Any, cache_dir: str) -> Any:
+    """`value` (nested dicts and lists) with every string path under `cache_dir` written as `${cache}/...`."""
+    root = os.path.normpath(cache_dir)
+    if isinstance(value, Mapping):
+        return {k: cache_relative(v, cache_dir) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [cache_relative(v, cache_dir) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        path = os.path.normpath(value)
+        if path == root or path.startswith(root + os.sep):
+            return "${cache}" + path[len(root):]
+    return value
+
+
 def parse_shard(value: Any) -> tuple[int, int]:
     """`i/n` -> (i, n): this process takes every n-th unit of work, starting at i."""
     try:
@@ -305,8 +319,11 @@ class Frontier:
         these settings (the second under this very grid)."""
         return self.settings_digest(method, key, alpha), self.settings_digest(method, key, alpha, with_grid=True)
 
-    def base_digest(self) -> str:
-        """What the base's measurements depend on: the design's model, task and overrides, and the eval settings."""
+    def base_digest(self, legacy: bool = False) -> str:
+        """What the base's measurements depend on: the design's model, task and overrides, and the eval settings,
+        with paths under the cache dir written relative to it (the task's data lives there: the same base on
+        another machine, or under another LOKI_CACHE, has the same digest). `legacy`: the digest of before
+        that, with those paths absolute, which base.json files written then carry (accepted, `base_digests`)."""
         from omegaconf import OmegaConf
 
         from loki.files import settings_digest
@@ -314,7 +331,13 @@ class Frontier:
         record = {"model": self.frontier.model, "task": self.frontier.task, "overrides": list(self.frontier.overrides),
                   "eval": OmegaConf.to_container(self.base_cfg.eval, resolve=True),
                   "task_eval": OmegaConf.to_container(self.base_cfg.task.get("eval") or {}, resolve=True)}
+        if not legacy:
+            record = cache_relative(record, str(self.base_cfg.paths.cache_dir))
         return settings_digest(record, 16)
+
+    def base_digests(self) -> tuple[str, str]:
+        """(today's base digest, the legacy one): a base.json stamped with either was measured with these settings."""
+        return self.base_digest(), self.base_digest(legacy=True)
 
     def point_path(self, point_id: str) -> Path:
         return self.out / "points" / f"{point_id}.json"
@@ -380,7 +403,7 @@ class Frontier:
             source, items, reference = other / "base.json", other / "items" / "base.json", other / "base_reference"
             if not (source.is_file() and items.is_file() and reference.is_dir()):
                 continue
-            if json.loads(source.read_text()).get("settings") != self.base_digest():
+            if json.loads(source.read_text()).get("settings") not in self.base_digests():
                 continue
             (self.out / "items").mkdir(parents=True, exist_ok=True)
             shutil.copytree(reference, self.out / "base_reference", dirs_exist_ok=True)
@@ -413,6 +436,9 @@ class Frontier:
                 record["settings"] = self.base_digest()
                 write_atomic(path, json.dumps(record, indent=1, sort_keys=True).encode())
         base = json.loads(path.read_text())
+        if base.get("settings") == self.base_digest(legacy=True) != self.base_digest():  # stamped before paths were cache-relative
+            base["settings"] = self.base_digest()
+            write_atomic(path, json.dumps(base, indent=1, sort_keys=True).encode())
         if base.get("settings", self.base_digest()) != self.base_digest():  # a base.json of before the digest is taken as is
             raise LokiError(
                 f"the base measurements {path} were made with other model, task or eval settings than frontier "
