@@ -400,6 +400,11 @@ def test_reuse_from_copies_a_sibling_frontiers_point_only_under_the_same_setting
     third = Frontier(_toy_frontier(name="c", reuse_from=["a"], steps=5), tmp_path / "c")
     assert third.reuse(point_id, third.settings_digest(third.frontier.methods[1], key, 1.0)) is None
     assert not (tmp_path / "c" / "points" / f"{point_id}.json").exists()
+    # a report alone (no run) copies it too, and lists it among the points
+    fourth = Frontier(_toy_frontier(name="d", reuse_from=["a"]), tmp_path / "d")
+    fourth._base = {"task_metrics": {"acc": 0.25}, "task_metrics_val": {}, "primary": "acc", "retention": {}}
+    assert point_id in [p.get("id") for p in fourth.collect()]
+    assert (tmp_path / "d" / "items" / f"{point_id}.json").is_file()
 
 
 

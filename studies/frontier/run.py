@@ -614,15 +614,19 @@ class Frontier:
     # -- assembling
 
     def collect(self) -> list[dict]:
-        """Every finished point (base, runs, interpolations) into points.jsonl; missing ones are listed."""
+        """Every finished point (base, runs, interpolations) into points.jsonl; missing ones are listed. A point
+        missing here but made with the same settings in a `reuse_from` frontier is copied first, as a run would."""
         base = self.base()
         points = [self.base_point(base)]
         missing = []
+        methods = {m.name: m for m in self.frontier.methods}
 
         def gather(units):
             for key, alphas in units:
                 for alpha in (1.0, *alphas):
                     path = self.point_path(key.point_id(alpha))
+                    if not path.is_file() and self.frontier.reuse_from:
+                        self.copy_from_siblings(key.point_id(alpha), self.accepted_digests(methods[key.method], key, alpha))
                     if path.is_file():
                         points.append(json.loads(path.read_text()))
                     else:
