@@ -436,10 +436,11 @@ class Frontier:
                 record["settings"] = self.base_digest()
                 write_atomic(path, json.dumps(record, indent=1, sort_keys=True).encode())
         base = json.loads(path.read_text())
-        if base.get("settings") == self.base_digest(legacy=True) != self.base_digest():  # stamped before paths were cache-relative
-            base["settings"] = self.base_digest()
+        today, legacy = self.base_digests()
+        if base.get("settings") == legacy != today:  # stamped before paths were cache-relative
+            base["settings"] = today
             write_atomic(path, json.dumps(base, indent=1, sort_keys=True).encode())
-        if base.get("settings", self.base_digest()) != self.base_digest():  # a base.json of before the digest is taken as is
+        if base.get("settings", today) != today:  # a base.json of before the digest is taken as is
             raise LokiError(
                 f"the base measurements {path} were made with other model, task or eval settings than frontier "
                 f"{self.frontier.name!r}; use another frontier.name (or out=...), or delete the folder to remake it."
